@@ -1,0 +1,27 @@
+# Install rules: headers, the library, an exported target set, a package config and version file,
+# plus a build-tree export so that a build directory can be used with find_package too.
+include(GNUInstallDirs)
+include(CMakePackageConfigHelpers)
+
+set(LOWRANK_INSTALL_CMAKEDIR "${CMAKE_INSTALL_LIBDIR}/cmake/lowrank" CACHE STRING
+    "Where lowrank's CMake package files are installed")
+
+install(TARGETS lowrank EXPORT lowrank-targets
+  ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
+  LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
+  RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR}
+  INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/lowrank" DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+
+install(EXPORT lowrank-targets NAMESPACE lowrank:: DESTINATION ${LOWRANK_INSTALL_CMAKEDIR})
+export(EXPORT lowrank-targets NAMESPACE lowrank:: FILE "${PROJECT_BINARY_DIR}/lowrank-targets.cmake")
+
+configure_package_config_file("${PROJECT_SOURCE_DIR}/cmake/lowrank-config.cmake.in"
+  "${PROJECT_BINARY_DIR}/lowrank-config.cmake"
+  INSTALL_DESTINATION ${LOWRANK_INSTALL_CMAKEDIR})
+# Before 1.0 the API may change between minor versions.
+write_basic_package_version_file("${PROJECT_BINARY_DIR}/lowrank-config-version.cmake"
+  COMPATIBILITY SameMinorVersion)
+install(FILES "${PROJECT_BINARY_DIR}/lowrank-config.cmake" "${PROJECT_BINARY_DIR}/lowrank-config-version.cmake"
+  DESTINATION ${LOWRANK_INSTALL_CMAKEDIR})
+install(FILES "${PROJECT_SOURCE_DIR}/LICENSE" DESTINATION ${CMAKE_INSTALL_DATADIR}/doc/lowrank)

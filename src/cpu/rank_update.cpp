@@ -1,0 +1,359 @@
+// The rank-update entry point: validation, canonicalisation, packing, threading and dispatch to
+// the per-ISA panel kernels. Compiled with baseline flags only.
+#include "lowrank/kernels/rank_update.hpp"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "kernel_api.hpp"
+#include "lowrank/core/error.hpp"
+#include "lowrank/core/philox.hpp"
+#include "lowrank/core/threading.hpp"
+#include "lowrank/kernels/targets.hpp"
+
+LOWRANK_BEGIN_NAMESPACE
+namespace detail {
+namespace {
+
+#include "float_bits-inl.hpp"
+
+const RankUpdateKernels& kernels_for(Target target) {
+  switch (target) {
+#if defined(LOWRANK_HAVE_AVX512)
+    case Target::avx512: return rank_update_avx512;
+#endif
+#if defined(LOWRANK_HAVE_AVX2)
+    case Target::avx2: return rank_update_avx2;
+#endif
+    default: return rank_update_scalar;
+  }
+}
+
+// ---- validation -------------------------------------------------------------------------------
+
+template <class T>
+void check_view(const char* fn, const char* name, const MatrixView<T>& v) {
+  if (v.rows < 0 || v.cols < 0) fail(fn, "{} has negative shape {}x{}", name, v.rows, v.cols);
+  if (v.empty()) return;
+  if (v.data == nullptr) fail(fn, "{} is {}x{} but its data pointer is null", name, v.rows, v.cols);
+  if ((v.rows > 1 && v.row_stride <= 0) || (v.cols > 1 && v.col_stride <= 0)) {
+    fail(fn, "{} ({}x{}) has strides ({}, {}); strides must be positive", name, v.rows, v.cols, v.row_stride,
+         v.col_stride);
+  }
+}
+
+// [first, last) bytes spanned by a non-empty view.
+template <class T>
+std::pair<std::uintptr_t, std::uintptr_t> byte_span(const MatrixView<T>& v) {
+  const auto first = reinterpret_cast<std::uintptr_t>(v.data);
+  const Index last_offset = (v.rows - 1) * v.row_stride + (v.cols - 1) * v.col_stride;
+  return {first, first + static_cast<std::uintptr_t>(last_offset + 1) * sizeof(T)};
+}
+
+template <class A, class B>
+bool spans_overlap(const MatrixView<A>& a, const MatrixView<B>& b) {
+  if (a.empty() || b.empty()) return false;
+  const auto [a0, a1] = byte_span(a);
+  const auto [b0, b1] = byte_span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+// Elements of W must be distinct: one index's stride must step over the whole extent of the other.
+template <class T>
+bool self_overlapping(const MatrixView<T>& v) {
+  if (v.rows <= 1 || v.cols <= 1) return false;
+  return !(v.row_stride >= v.cols * v.col_stride || v.col_stride >= v.rows * v.row_stride);
+}
+
+// ---- packing ----------------------------------------------------------------------------------
+
+template <class T>
+auto to_compute(T x) {
+  if constexpr (std::is_same_v<T, double>) {
+    return x;
+  } else {
+    return static_cast<double>(static_cast<float>(x));
+  }
+}
+
+// Per-thread workspace that only grows: hot calls do not allocate once warmed up.
+template <class T>
+T* workspace(std::vector<T>& buffer, std::size_t count) {
+  if (buffer.size() < count) buffer.resize(count);
+  return buffer.data();
+}
+
+// A (m x r) -> [panel][k][MR], scaled by alpha (computed in double, rounded once), zero padded.
+template <class C, class TF>
+void pack_a(const MatrixView<const TF>& a, double alpha, int mr, C* out) {
+  const Index panels = (a.rows + mr - 1) / mr;
+  for (Index p = 0; p < panels; ++p) {
+    C* dst = out + p * a.cols * mr;
+    for (Index k = 0; k < a.cols; ++k)
+      for (int i = 0; i < mr; ++i) {
+        const Index row = p * mr + i;
+        dst[k * mr + i] = row < a.rows ? static_cast<C>(alpha * to_compute(a(row, k))) : C(0);
+      }
+  }
+}
+
+// B (n x r) -> [block][k][NR], scaled like pack_a, zero padded.
+template <class C, class TF>
+void pack_b(const MatrixView<const TF>& b, double alpha, int nr, C* out) {
+  const Index blocks = (b.rows + nr - 1) / nr;
+  for (Index q = 0; q < blocks; ++q) {
+    C* dst = out + q * b.cols * nr;
+    for (Index k = 0; k < b.cols; ++k)
+      for (int j = 0; j < nr; ++j) {
+        const Index row = q * nr + j;
+        dst[k * nr + j] = row < b.rows ? static_cast<C>(alpha * to_compute(b(row, k))) : C(0);
+      }
+  }
+}
+
+// ---- storage conversions for the gather/scatter path -----------------------------------------
+
+template <class T>
+using compute_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <class T>
+compute_of<T> load_compute(const T& x) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    return bf16_bits_to_f32(std::bit_cast<std::uint16_t>(x));
+  } else if constexpr (std::is_same_v<T, f16>) {
+    return f16_bits_to_f32(std::bit_cast<std::uint16_t>(x));
+  } else {
+    return x;
+  }
+}
+
+template <class T>
+void store_nearest(T& out, compute_of<T> x) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    out = std::bit_cast<bf16>(f32_to_bf16_bits(x));
+  } else if constexpr (std::is_same_v<T, f16>) {
+    out = std::bit_cast<f16>(f32_to_f16_bits(x));
+  } else {
+    out = x;
+  }
+}
+
+// Stochastic rounding: round away from the truncated value with probability equal to the
+// remainder's share of the gap, using 32 random bits. Non-finite values and magnitudes at or above
+// the largest finite value round to nearest.
+inline std::uint16_t f32_to_bf16_stochastic(float x, std::uint32_t random) {
+  const std::uint32_t bits = std::bit_cast<std::uint32_t>(x);
+  if ((bits & 0x7F800000u) == 0x7F800000u) return f32_to_bf16_bits(x);
+  if ((bits & 0x7FFFFFFFu) >= 0x7F7F0000u) return f32_to_bf16_bits(x);
+  return static_cast<std::uint16_t>((bits + (random >> 16)) >> 16);
+}
+
+inline std::uint16_t f32_to_f16_stochastic(float x, std::uint32_t random) {
+  const std::uint32_t bits = std::bit_cast<std::uint32_t>(x);
+  const std::uint32_t sign = (bits >> 16) & 0x8000u;
+  const std::uint32_t abs = bits & 0x7FFFFFFFu;
+  if (abs >= 0x477FE000u) return f32_to_f16_bits(x);  // >= 65504 (max finite), inf, NaN
+  if (abs >= 0x38800000u) {                           // normal half: 13 bits are dropped
+    const std::uint32_t mantissa = abs & 0x7FFFFFu;
+    std::uint32_t h = ((((abs >> 23) - 112u) << 10) | (mantissa >> 13));
+    if ((random & 0x1FFFu) < (mantissa & 0x1FFFu)) ++h;
+    return static_cast<std::uint16_t>(sign | h);
+  }
+  const float scaled = std::bit_cast<float>(abs) * 0x1.0p24f;  // exact; in [0, 1024)
+  const float floor_value = std::floor(scaled);
+  std::uint32_t h = static_cast<std::uint32_t>(floor_value);
+  if (uniform_from_bits(random) < scaled - floor_value) ++h;
+  return static_cast<std::uint16_t>(sign | h);
+}
+
+template <class T>
+void store_stochastic(T& out, float x, std::uint32_t random) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    out = std::bit_cast<bf16>(f32_to_bf16_stochastic(x, random));
+  } else {
+    out = std::bit_cast<f16>(f32_to_f16_stochastic(x, random));
+  }
+}
+
+// ---- driver -----------------------------------------------------------------------------------
+
+struct Workspace {
+  std::vector<float> a32, b32;
+  std::vector<double> a64, b64;
+};
+thread_local Workspace tls_workspace;
+thread_local std::vector<float> tls_tile32;
+thread_local std::vector<double> tls_tile64;
+
+// Columns per block of B kept hot in L2 (about 256 KiB of packed B), a multiple of NR.
+Index column_block(Index n, Index r, int nr, std::size_t elem) {
+  const Index budget = static_cast<Index>((256 * 1024) / (static_cast<std::size_t>(r) * elem));
+  const Index cols = std::max<Index>(nr, budget / nr * nr);
+  return std::min(cols, (n + nr - 1) / nr * nr);
+}
+
+template <class TW>
+void panel_direct(const RankUpdateKernels& k, const compute_of<TW>* a, const compute_of<TW>* b, Index r, TW* c,
+                  Index ldc, Index rows, Index cols) {
+  if constexpr (std::is_same_v<TW, double>) {
+    k.f64(a, b, r, c, ldc, rows, cols);
+  } else if constexpr (std::is_same_v<TW, float>) {
+    k.f32(a, b, r, c, ldc, rows, cols);
+  } else if constexpr (std::is_same_v<TW, bf16>) {
+    k.bf16(a, b, r, c, ldc, rows, cols);
+  } else {
+    k.f16(a, b, r, c, ldc, rows, cols);
+  }
+}
+
+template <class TW>
+void panel_compute(const RankUpdateKernels& k, const compute_of<TW>* a, const compute_of<TW>* b, Index r,
+                   compute_of<TW>* c, Index ldc, Index rows, Index cols) {
+  if constexpr (std::is_same_v<TW, double>) {
+    k.f64(a, b, r, c, ldc, rows, cols);
+  } else {
+    k.f32(a, b, r, c, ldc, rows, cols);
+  }
+}
+
+// Runs W(i, j) += sum_k A(i, k) B(j, k) over a canonical view `c` (the user's W or its transpose:
+// `transposed` says which, for stochastic-rounding indices).
+// alpha scales the user's U whichever side it lands on, so that every element is computed as
+// fma(alpha * U(i, k), V(j, k), acc) in both orientations.
+template <class TW, class TF>
+void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const TF>& v, double alpha,
+         const RankUpdateOptions& options, bool transposed, Index user_cols) {
+  using C = compute_of<TW>;
+  if (c.cols == 1) c.col_stride = 1;  // a single column is contiguous whatever its stride
+  const RankUpdateKernels& kern = kernels_for(active_target());
+  const int mr = std::is_same_v<C, double> ? kern.mr_f64 : kern.mr_f32;
+  const int nr = std::is_same_v<C, double> ? kern.nr_f64 : kern.nr_f32;
+  const Index m = c.rows, n = c.cols, r = u.cols;
+  const Index panels = (m + mr - 1) / mr;
+  const Index blocks = (n + nr - 1) / nr;
+
+  Workspace& ws = tls_workspace;
+  C* apack;
+  C* bpack;
+  if constexpr (std::is_same_v<C, double>) {
+    apack = workspace(ws.a64, static_cast<std::size_t>(panels * r * mr));
+    bpack = workspace(ws.b64, static_cast<std::size_t>(blocks * r * nr));
+  } else {
+    apack = workspace(ws.a32, static_cast<std::size_t>(panels * r * mr));
+    bpack = workspace(ws.b32, static_cast<std::size_t>(blocks * r * nr));
+  }
+  pack_a(u, transposed ? 1.0 : alpha, mr, apack);
+  pack_b(v, transposed ? alpha : 1.0, nr, bpack);
+
+  const bool half_storage = std::is_same_v<TW, bf16> || std::is_same_v<TW, f16>;
+  const bool stochastic = half_storage && options.rounding == Rounding::stochastic;
+  const bool direct = c.col_stride == 1 && !stochastic;
+  const Index nc = column_block(n, r, nr, sizeof(C));
+
+  int threads = num_threads();
+  if (static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(r) < 1 << 18) threads = 1;
+  threads = static_cast<int>(std::min<Index>(threads, panels));
+  const RandomStream random(options.seed, options.stream);
+
+#if defined(LOWRANK_HAVE_OPENMP)
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+  {
+    C* tile = nullptr;
+    if (!direct) {
+      if constexpr (std::is_same_v<C, double>) {
+        tile = workspace(tls_tile64, static_cast<std::size_t>(mr * nc));
+      } else {
+        tile = workspace(tls_tile32, static_cast<std::size_t>(mr * nc));
+      }
+    }
+    for (Index j0 = 0; j0 < n; j0 += nc) {
+      const Index width = std::min(nc, n - j0);
+      const C* bblock = bpack + (j0 / nr) * r * nr;
+#if defined(LOWRANK_HAVE_OPENMP)
+#pragma omp for schedule(static) nowait
+#endif
+      for (Index p = 0; p < panels; ++p) {
+        const Index i0 = p * mr;
+        const Index rows = std::min<Index>(mr, m - i0);
+        const C* apanel = apack + p * r * mr;
+        if (direct) {
+          panel_direct<TW>(kern, apanel, bblock, r, &c(i0, j0), c.row_stride, rows, width);
+          continue;
+        }
+        // Gather into a compute-precision tile, update it, scatter back rounded.
+        for (Index i = 0; i < rows; ++i)
+          for (Index j = 0; j < width; ++j) tile[i * nc + j] = load_compute(c(i0 + i, j0 + j));
+        panel_compute<TW>(kern, apanel, bblock, r, tile, nc, rows, width);
+        for (Index i = 0; i < rows; ++i)
+          for (Index j = 0; j < width; ++j) {
+            TW& out = c(i0 + i, j0 + j);
+            const C value = tile[i * nc + j];
+            if constexpr (std::is_same_v<TW, bf16> || std::is_same_v<TW, f16>) {
+              if (stochastic) {
+                const Index ui = transposed ? j0 + j : i0 + i;
+                const Index uj = transposed ? i0 + i : j0 + j;
+                store_stochastic(out, value, random.bits(static_cast<std::uint64_t>(ui * user_cols + uj)));
+                continue;
+              }
+            }
+            store_nearest(out, value);
+          }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace detail
+
+template <SupportedScalar TW, SupportedScalar TF>
+  requires(!std::is_const_v<TW>)
+void rank_update(MatrixView<TW> W, MatrixView<const TF> U, MatrixView<const TF> V, double alpha,
+                 const RankUpdateOptions& options) {
+  constexpr const char* fn = "rank_update";
+  using detail::fail;
+  detail::check_view(fn, "W", W);
+  detail::check_view(fn, "U", U);
+  detail::check_view(fn, "V", V);
+  if (U.cols != V.cols) {
+    fail(fn, "U is {}x{} and V is {}x{}: their column counts (the rank) differ", U.rows, U.cols, V.rows, V.cols);
+  }
+  if (U.rows != W.rows) fail(fn, "U has {} rows, W is {}x{} (U must be {}x{})", U.rows, W.rows, W.cols, W.rows, U.cols);
+  if (V.rows != W.cols) fail(fn, "V has {} rows, W is {}x{} (V must be {}x{})", V.rows, W.rows, W.cols, W.cols, V.cols);
+  if (U.cols == 0) fail(fn, "rank is 0 (U is {}x0, V is {}x0); the rank must be at least 1", U.rows, V.rows);
+  if (!std::isfinite(alpha)) fail(fn, "alpha is {}; it must be finite (W is {}x{})", alpha, W.rows, W.cols);
+  if (detail::self_overlapping(W)) {
+    fail(fn, "W ({}x{}, strides {}, {}) has overlapping elements", W.rows, W.cols, W.row_stride, W.col_stride);
+  }
+  if (detail::spans_overlap(W, U)) fail(fn, "W's memory ({}x{}) overlaps U's ({}x{})", W.rows, W.cols, U.rows, U.cols);
+  if (detail::spans_overlap(W, V)) fail(fn, "W's memory ({}x{}) overlaps V's ({}x{})", W.rows, W.cols, V.rows, V.cols);
+  if (alpha == 0.0 || W.empty()) return;
+
+  // Canonical form: unit column stride where possible (a column-major W is updated as W^T += V U^T).
+  const bool transpose = W.col_stride != 1 && W.cols > 1 && (W.row_stride == 1 || W.rows == 1);
+  if (transpose) {
+    detail::run(W.transposed(), V, U, alpha, options, true, W.cols);
+  } else {
+    detail::run(W, U, V, alpha, options, false, W.cols);
+  }
+}
+
+#define LOWRANK_INSTANTIATE(TW, TF)                                                                       \
+  template void rank_update<TW, TF>(MatrixView<TW>, MatrixView<const TF>, MatrixView<const TF>, double, \
+                                    const RankUpdateOptions&);
+#define LOWRANK_INSTANTIATE_ALL(TW) \
+  LOWRANK_INSTANTIATE(TW, double)   \
+  LOWRANK_INSTANTIATE(TW, float)    \
+  LOWRANK_INSTANTIATE(TW, bf16)     \
+  LOWRANK_INSTANTIATE(TW, f16)
+LOWRANK_INSTANTIATE_ALL(double)
+LOWRANK_INSTANTIATE_ALL(float)
+LOWRANK_INSTANTIATE_ALL(bf16)
+LOWRANK_INSTANTIATE_ALL(f16)
+
+LOWRANK_END_NAMESPACE

@@ -1,0 +1,77 @@
+// The rank-update micro-kernel, written once over a small vector-ops interface and included by
+// each per-ISA translation unit inside its own namespace (no include guard on purpose).
+//
+// Before including, the TU defines in its namespace:
+//   struct OpsF32 { using V; static constexpr int kLanes; zero, set1, fma(a, b, c) = a * b + c,
+//                   load/store for float*, Bf16*, F16* (converting to and from fp32, RNE) };
+//   struct OpsF64 { same for double* };
+// and the tile sizes kMrF32, kNvF32, kMrF64, kNvF64 (rows; vectors per row).
+//
+// Every element is computed as acc = C(i, j); for k in 0..r-1: acc = fma(a(i, k), b(j, k), acc);
+// C(i, j) = round(acc). Edge tiles run the same code on a padded copy, so an element's bits do not
+// depend on where its tile falls, hence not on the thread count.
+
+template <class Ops, int MR, int NV, class S, class C>
+inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __restrict c, KIndex ldc) {
+  using V = typename Ops::V;
+  constexpr int W = Ops::kLanes;
+  constexpr int NR = NV * W;
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = Ops::load(c + i * ldc + v * W);
+  }
+  for (KIndex k = 0; k < r; ++k) {
+    V bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = Ops::load(b + k * NR + v * W);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const V ai = Ops::set1(a[k * MR + i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = Ops::fma(ai, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) Ops::store(c + i * ldc + v * W, acc[i][v]);
+  }
+}
+
+template <class Ops, int MR, int NV, class S, class C>
+void panel(const C* a, const C* b, KIndex r, S* c, KIndex ldc, KIndex rows, KIndex cols) {
+  constexpr KIndex NR = NV * Ops::kLanes;
+  KIndex j = 0;
+  if (rows == MR) {
+    for (; j + NR <= cols; j += NR) tile<Ops, MR, NV>(a, b + (j / NR) * r * NR, r, c + j, ldc);
+  }
+  // Ragged edge: the same tile on a zero-padded copy of the storage values.
+  for (; j < cols; j += NR) {
+    S buffer[MR * NR] = {};
+    const KIndex width = cols - j < NR ? cols - j : NR;
+    for (KIndex i = 0; i < rows; ++i)
+      for (KIndex jj = 0; jj < width; ++jj) buffer[i * NR + jj] = c[i * ldc + j + jj];
+    tile<Ops, MR, NV>(a, b + (j / NR) * r * NR, r, buffer, NR);
+    for (KIndex i = 0; i < rows; ++i)
+      for (KIndex jj = 0; jj < width; ++jj) c[i * ldc + j + jj] = buffer[i * NR + jj];
+  }
+}
+
+inline void panel_f32(const float* a, const float* b, KIndex r, void* c, KIndex ldc, KIndex rows, KIndex cols) {
+  panel<OpsF32, kMrF32, kNvF32>(a, b, r, static_cast<float*>(c), ldc, rows, cols);
+}
+inline void panel_bf16(const float* a, const float* b, KIndex r, void* c, KIndex ldc, KIndex rows, KIndex cols) {
+  panel<OpsF32, kMrF32, kNvF32>(a, b, r, static_cast<Bf16*>(c), ldc, rows, cols);
+}
+inline void panel_f16(const float* a, const float* b, KIndex r, void* c, KIndex ldc, KIndex rows, KIndex cols) {
+  panel<OpsF32, kMrF32, kNvF32>(a, b, r, static_cast<F16*>(c), ldc, rows, cols);
+}
+inline void panel_f64(const double* a, const double* b, KIndex r, double* c, KIndex ldc, KIndex rows,
+                      KIndex cols) {
+  panel<OpsF64, kMrF64, kNvF64>(a, b, r, c, ldc, rows, cols);
+}
+
+constexpr RankUpdateKernels kKernels{kMrF32,     kNvF32 * OpsF32::kLanes, kMrF64,    kNvF64 * OpsF64::kLanes,
+                                     &panel_f32, &panel_bf16,              &panel_f16, &panel_f64};
