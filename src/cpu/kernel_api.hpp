@@ -30,6 +30,10 @@ struct RankUpdateKernels {
   PanelF32 bf16;       // c is bf16 bits (uint16_t)
   PanelF32 f16;        // c is fp16 bits (uint16_t)
   PanelF64 f64;
+  // Column order of packed B for the bf16 kernel (nr_f32 entries; nullptr: identity). The AVX
+  // kernels widen bf16 pairs with one shift and one mask, which puts even columns in one vector
+  // and odd columns in the next; packing B the same way makes that free.
+  const int* bf16_b_order;
 };
 
 // Defined in src/cpu/rank_update_<isa>.cpp; constant-initialized data, so reading them runs no

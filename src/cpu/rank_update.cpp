@@ -87,29 +87,53 @@ T* workspace(std::vector<T>& buffer, std::size_t count) {
   return buffer.data();
 }
 
+// Row panels: MR rows each. Full panels take every q-th row (q = m / MR): panel p holds rows
+// p, p + q, ..., p + (MR - 1) q, so that the kernel streams MR far-apart, long contiguous runs
+// of W (consecutive panels continue each run) instead of restarting MR short streams per panel;
+// the hardware prefetchers stay trained (measured: +20% bandwidth at rank 1). The m - MR q rows
+// left over form one last panel of adjacent rows.
+struct Panels {
+  Index q = 0;      // number of full panels
+  Index count = 0;  // q, plus one for the leftover rows
+  int mr = 1;
+  Index m = 0;
+  Index first_row(Index p) const { return p < q ? p : q * mr; }
+  Index row_step(Index p) const { return p < q ? q : 1; }
+  Index rows(Index p) const { return p < q ? mr : m - q * mr; }
+};
+
+Panels make_panels(Index m, int mr) {
+  Panels panels;
+  panels.q = m / mr;
+  panels.count = panels.q + (m % mr != 0);
+  panels.mr = mr;
+  panels.m = m;
+  return panels;
+}
+
 // A (m x r) -> [panel][k][MR], scaled by alpha (computed in double, rounded once), zero padded.
 template <class C, class TF>
-void pack_a(const MatrixView<const TF>& a, double alpha, int mr, C* out) {
-  const Index panels = (a.rows + mr - 1) / mr;
-  for (Index p = 0; p < panels; ++p) {
+void pack_a(const MatrixView<const TF>& a, double alpha, const Panels& panels, C* out) {
+  const int mr = panels.mr;
+  for (Index p = 0; p < panels.count; ++p) {
     C* dst = out + p * a.cols * mr;
+    const Index first = panels.first_row(p), step = panels.row_step(p), rows = panels.rows(p);
     for (Index k = 0; k < a.cols; ++k)
-      for (int i = 0; i < mr; ++i) {
-        const Index row = p * mr + i;
-        dst[k * mr + i] = row < a.rows ? static_cast<C>(alpha * to_compute(a(row, k))) : C(0);
-      }
+      for (int i = 0; i < mr; ++i)
+        dst[k * mr + i] = i < rows ? static_cast<C>(alpha * to_compute(a(first + i * step, k))) : C(0);
   }
 }
 
-// B (n x r) -> [block][k][NR], scaled like pack_a, zero padded.
+// B (n x r) -> [block][k][NR], scaled like pack_a, zero padded; lane j of a block holds column
+// order[j] of it (identity without an order).
 template <class C, class TF>
-void pack_b(const MatrixView<const TF>& b, double alpha, int nr, C* out) {
+void pack_b(const MatrixView<const TF>& b, double alpha, int nr, const int* order, C* out) {
   const Index blocks = (b.rows + nr - 1) / nr;
   for (Index q = 0; q < blocks; ++q) {
     C* dst = out + q * b.cols * nr;
     for (Index k = 0; k < b.cols; ++k)
       for (int j = 0; j < nr; ++j) {
-        const Index row = q * nr + j;
+        const Index row = q * nr + (order != nullptr ? order[j] : j);
         dst[k * nr + j] = row < b.rows ? static_cast<C>(alpha * to_compute(b(row, k))) : C(0);
       }
   }
@@ -233,7 +257,8 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
   const int mr = std::is_same_v<C, double> ? kern.mr_f64 : kern.mr_f32;
   const int nr = std::is_same_v<C, double> ? kern.nr_f64 : kern.nr_f32;
   const Index m = c.rows, n = c.cols, r = u.cols;
-  const Index panels = (m + mr - 1) / mr;
+  const Panels pan = make_panels(m, mr);
+  const Index panels = pan.count;
   const Index blocks = (n + nr - 1) / nr;
 
   Workspace& ws = tls_workspace;
@@ -246,12 +271,12 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
     apack = workspace(ws.a32, static_cast<std::size_t>(panels * r * mr));
     bpack = workspace(ws.b32, static_cast<std::size_t>(blocks * r * nr));
   }
-  pack_a(u, transposed ? 1.0 : alpha, mr, apack);
-  pack_b(v, transposed ? alpha : 1.0, nr, bpack);
-
+  pack_a(u, transposed ? 1.0 : alpha, pan, apack);
   const bool half_storage = std::is_same_v<TW, bf16> || std::is_same_v<TW, f16>;
   const bool stochastic = half_storage && options.rounding == Rounding::stochastic;
   const bool direct = c.col_stride == 1 && !stochastic;
+  const int* order = direct && std::is_same_v<TW, bf16> ? kern.bf16_b_order : nullptr;
+  pack_b(v, transposed ? alpha : 1.0, nr, order, bpack);
   const Index nc = column_block(n, r, nr, sizeof(C));
 
   int threads = num_threads();
@@ -278,25 +303,25 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
 #pragma omp for schedule(static) nowait
 #endif
       for (Index p = 0; p < panels; ++p) {
-        const Index i0 = p * mr;
-        const Index rows = std::min<Index>(mr, m - i0);
+        const Index first = pan.first_row(p), step = pan.row_step(p), rows = pan.rows(p);
         const C* apanel = apack + p * r * mr;
         if (direct) {
-          panel_direct<TW>(kern, apanel, bblock, r, &c(i0, j0), c.row_stride, rows, width);
+          panel_direct<TW>(kern, apanel, bblock, r, &c(first, j0), step * c.row_stride, rows, width);
           continue;
         }
         // Gather into a compute-precision tile, update it, scatter back rounded.
         for (Index i = 0; i < rows; ++i)
-          for (Index j = 0; j < width; ++j) tile[i * nc + j] = load_compute(c(i0 + i, j0 + j));
+          for (Index j = 0; j < width; ++j) tile[i * nc + j] = load_compute(c(first + i * step, j0 + j));
         panel_compute<TW>(kern, apanel, bblock, r, tile, nc, rows, width);
         for (Index i = 0; i < rows; ++i)
           for (Index j = 0; j < width; ++j) {
-            TW& out = c(i0 + i, j0 + j);
+            const Index row = first + i * step;
+            TW& out = c(row, j0 + j);
             const C value = tile[i * nc + j];
             if constexpr (std::is_same_v<TW, bf16> || std::is_same_v<TW, f16>) {
               if (stochastic) {
-                const Index ui = transposed ? j0 + j : i0 + i;
-                const Index uj = transposed ? i0 + i : j0 + j;
+                const Index ui = transposed ? j0 + j : row;
+                const Index uj = transposed ? row : j0 + j;
                 store_stochastic(out, value, random.bits(static_cast<std::uint64_t>(ui * user_cols + uj)));
                 continue;
               }

@@ -5,6 +5,10 @@
 
 #include "kernel_api.hpp"
 
+#ifndef LOWRANK_PF
+#define LOWRANK_PF 256
+#endif
+
 LOWRANK_BEGIN_NAMESPACE
 namespace detail {
 namespace avx2_isa {
@@ -14,43 +18,96 @@ namespace avx2_isa {
 struct OpsF32 {
   using V = __m256;
   static constexpr int kLanes = 8;
+  static void prefetch([[maybe_unused]] const void* p) {
+#if LOWRANK_PF > 0
+    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#endif
+  }
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
-  static V load(const Bf16* p) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  // bf16 rows are handled in pairs of vectors: even columns in the first, odd columns in the
+  // second (kBf16Order), so widening is one shift or one mask, and narrowing one shift and one
+  // blend; no lane-crossing shuffles.
+  template <int NV>
+  static void load_row(const Bf16* p, V* out) {
+    static_assert(NV % 2 == 0, "bf16 rows come in pairs of vectors");
+    for (int v = 0; v < NV; v += 2) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + v * kLanes));
+      out[v] = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+      out[v + 1] = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    }
   }
-  static void store(Bf16* p, V x) {
-    // Round to nearest even: bits + 0x7FFF + lsb(bits >> 16); NaN keeps its top bits, quieted.
+  // Round to nearest even into the top 16 bits (not valid for NaN).
+  static __m256i round_bf16(V x) {
     const __m256i bits = _mm256_castps_si256(x);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    const __m256i rounded =
-        _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
-    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    const __m256i result = _mm256_blendv_epi8(rounded, quiet, is_nan);
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(result), _mm256_extracti128_si256(result, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    return _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
+  }
+  template <int NV>
+  static void store_row(Bf16* p, const V* in) {
+    for (int v = 0; v < NV; v += 2) {
+      Bf16* q = p + v * kLanes;
+      if (_mm256_movemask_ps(_mm256_cmp_ps(in[v], in[v + 1], _CMP_UNORD_Q)) != 0) {
+        store_pair_exact(q, in[v], in[v + 1]);  // a NaN: rare, keep it a NaN
+        continue;
+      }
+      const __m256i even = _mm256_srli_epi32(round_bf16(in[v]), 16);
+      const __m256i odd = round_bf16(in[v + 1]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_blend_epi16(even, odd, 0xAA));
+    }
+  }
+  [[gnu::noinline, gnu::cold]] static void store_pair_exact(Bf16* q, V even, V odd) {
+    alignas(32) float e[kLanes], o[kLanes];
+    _mm256_store_ps(e, even);
+    _mm256_store_ps(o, odd);
+    for (int i = 0; i < kLanes; ++i) {
+      q[2 * i].bits = f32_to_bf16_bits(e[i]);
+      q[2 * i + 1].bits = f32_to_bf16_bits(o[i]);
+    }
   }
   static V load(const F16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static void store(F16* p, V x) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  template <int NV, class S>
+  static void load_row(const S* p, V* out) {
+    for (int v = 0; v < NV; ++v) out[v] = load(p + v * kLanes);
+  }
+  template <int NV, class S>
+  static void store_row(S* p, const V* in) {
+    for (int v = 0; v < NV; ++v) store(p + v * kLanes, in[v]);
   }
 };
 
 struct OpsF64 {
   using V = __m256d;
   static constexpr int kLanes = 4;
+  static void prefetch([[maybe_unused]] const void* p) {
+#if LOWRANK_PF > 0
+    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#endif
+  }
   static V set1(double x) { return _mm256_set1_pd(x); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
   static V load(const double* p) { return _mm256_loadu_pd(p); }
   static void store(double* p, V x) { _mm256_storeu_pd(p, x); }
+  template <int NV, class S>
+  static void load_row(const S* p, V* out) {
+    for (int v = 0; v < NV; ++v) out[v] = load(p + v * kLanes);
+  }
+  template <int NV, class S>
+  static void store_row(S* p, const V* in) {
+    for (int v = 0; v < NV; ++v) store(p + v * kLanes, in[v]);
+  }
 };
 
 // 6 x 16 (fp32) and 6 x 8 (fp64) tiles: 12 accumulators + 2 B vectors + 1 broadcast of 16 ymm.
+constexpr int kPrefetch = LOWRANK_PF;
 constexpr int kMrF32 = 6, kNvF32 = 2;
+constexpr int kBf16OrderTable[16] = {0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15};
+constexpr const int* kBf16Order = kBf16OrderTable;
 constexpr int kMrF64 = 6, kNvF64 = 2;
 
 #include "rank_update_body-inl.hpp"

@@ -2,10 +2,13 @@
 // each per-ISA translation unit inside its own namespace (no include guard on purpose).
 //
 // Before including, the TU defines in its namespace:
-//   struct OpsF32 { using V; static constexpr int kLanes; zero, set1, fma(a, b, c) = a * b + c,
-//                   load/store for float*, Bf16*, F16* (converting to and from fp32, RNE) };
+//   struct OpsF32 { using V; static constexpr int kLanes; set1, fma(a, b, c) = a * b + c, prefetch,
+//                   load_row<NV>/store_row<NV> for float*, Bf16*, F16*: NV vectors of one row of C,
+//                   converted to and from fp32 (RNE) };
 //   struct OpsF64 { same for double* };
-// and the tile sizes kMrF32, kNvF32, kMrF64, kNvF64 (rows; vectors per row).
+// and the tile sizes kMrF32, kNvF32, kMrF64, kNvF64 (rows; vectors per row), kPrefetch, and
+// kBf16Order: the order in which a bf16 row's NV * kLanes columns land in the vector lanes
+// (B is packed in that order; nullptr when it is the identity).
 //
 // Every element is computed as acc = C(i, j); for k in 0..r-1: acc = fma(a(i, k), b(j, k), acc);
 // C(i, j) = round(acc). Edge tiles run the same code on a padded copy, so an element's bits do not
@@ -19,8 +22,8 @@ inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __re
   V acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = Ops::load(c + i * ldc + v * W);
+    Ops::prefetch(c + i * ldc + kPrefetch);
+    Ops::template load_row<NV>(c + i * ldc, acc[i]);
   }
   for (KIndex k = 0; k < r; ++k) {
     V bv[NV];
@@ -34,10 +37,7 @@ inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __re
     }
   }
 #pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) Ops::store(c + i * ldc + v * W, acc[i][v]);
-  }
+  for (int i = 0; i < MR; ++i) Ops::template store_row<NV>(c + i * ldc, acc[i]);
 }
 
 template <class Ops, int MR, int NV, class S, class C>
@@ -73,5 +73,6 @@ inline void panel_f64(const double* a, const double* b, KIndex r, double* c, KIn
   panel<OpsF64, kMrF64, kNvF64>(a, b, r, c, ldc, rows, cols);
 }
 
-constexpr RankUpdateKernels kKernels{kMrF32,     kNvF32 * OpsF32::kLanes, kMrF64,    kNvF64 * OpsF64::kLanes,
-                                     &panel_f32, &panel_bf16,              &panel_f16, &panel_f64};
+constexpr RankUpdateKernels kKernels{kMrF32,      kNvF32 * OpsF32::kLanes, kMrF64,     kNvF64 * OpsF64::kLanes,
+                                     &panel_f32,  &panel_bf16,              &panel_f16, &panel_f64,
+                                     kBf16Order};

@@ -14,6 +14,7 @@ struct OpsF32 {
   using V = float;
   static constexpr int kLanes = 1;
   static V set1(float x) { return x; }
+  static void prefetch(const void*) {}
   // Two roundings: without a hardware FMA, std::fma would be a slow library call.
   static V fma(V a, V b, V c) { return a * b + c; }
   static V load(const float* p) { return *p; }
@@ -22,17 +23,36 @@ struct OpsF32 {
   static void store(float* p, V x) { *p = x; }
   static void store(Bf16* p, V x) { p->bits = f32_to_bf16_bits(x); }
   static void store(F16* p, V x) { p->bits = f32_to_f16_bits(x); }
+  template <int NV, class S>
+  static void load_row(const S* p, V* out) {
+    for (int v = 0; v < NV; ++v) out[v] = load(p + v * kLanes);
+  }
+  template <int NV, class S>
+  static void store_row(S* p, const V* in) {
+    for (int v = 0; v < NV; ++v) store(p + v * kLanes, in[v]);
+  }
 };
 
 struct OpsF64 {
   using V = double;
   static constexpr int kLanes = 1;
   static V set1(double x) { return x; }
+  static void prefetch(const void*) {}
   static V fma(V a, V b, V c) { return a * b + c; }
   static V load(const double* p) { return *p; }
   static void store(double* p, V x) { *p = x; }
+  template <int NV, class S>
+  static void load_row(const S* p, V* out) {
+    for (int v = 0; v < NV; ++v) out[v] = load(p + v * kLanes);
+  }
+  template <int NV, class S>
+  static void store_row(S* p, const V* in) {
+    for (int v = 0; v < NV; ++v) store(p + v * kLanes, in[v]);
+  }
 };
 
+constexpr int kPrefetch = 0;
+constexpr const int* kBf16Order = nullptr;
 constexpr int kMrF32 = 4, kNvF32 = 4;
 constexpr int kMrF64 = 4, kNvF64 = 4;
 
