@@ -1,12 +1,15 @@
 // rank_update/<impl>/<m>x<n>_r<r>_<type>_t<threads>: W += alpha U V^T on a column-major W
 // (Eigen's default), against Eigen, OpenBLAS and the in-place streaming limit, in one binary.
 //   impl lowrank  : lowrank::rank_update
-//   impl eigen    : W.noalias() += (alpha * U) * V^T   (bf16: W = (W.cast<float>() + alpha U V^T).cast<bf16>())
+//   impl eigen    : W.noalias() += (alpha * U) * V^T   (bf16: W = (W.cast<float>() + alpha U V^T).cast<bf16>()),
+//                   built with -march=native (eigen_baseline.cpp)
 //   impl openblas : cblas_sger (r = 1) / cblas_sgemm with beta = 1 (fp32 only)
 //   impl limit    : one read and one write of W's bytes (stream_limit.cpp)
 // Counters: bytes_per_second counts W read + written once; FLOP/s counts 2 m n r.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -15,6 +18,7 @@
 #include <Eigen/Core>
 
 #include "lowrank/lowrank.hpp"
+#include "eigen_baseline.hpp"
 #include "stream_limit.hpp"
 
 #if defined(LOWRANK_BENCH_OPENBLAS)
@@ -74,11 +78,7 @@ void bm_eigen(benchmark::State& state, Index r, int threads) {
   set_threads(threads);
   Problem<T> p(kM, kN, r);
   for (auto _ : state) {
-    if constexpr (std::is_same_v<T, float>) {
-      p.w.noalias() += (kAlpha * p.u) * p.v.transpose();
-    } else {
-      p.w = (p.w.template cast<float>() + (kAlpha * p.u) * p.v.transpose()).template cast<T>();
-    }
+    eigen_rank_update(p.w, p.u, p.v, kAlpha);
     benchmark::ClobberMemory();
   }
   set_counters<T>(state, kM, kN, r);
@@ -103,30 +103,56 @@ void bm_openblas(benchmark::State& state, Index r, int threads) {
 #endif
 
 template <class T>
+void limit_once(T* data, std::ptrdiff_t count, int threads, int streams) {
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+  {
+    const std::ptrdiff_t chunk = (count + threads - 1) / threads;
+    const std::ptrdiff_t begin = std::min(count, chunk * omp_get_thread_num());
+    const std::ptrdiff_t end = std::min(count, begin + chunk);
+#else
+  {
+    const std::ptrdiff_t begin = 0, end = count;
+#endif
+    if constexpr (std::is_same_v<T, float>) {
+      stream_limit_f32(data + begin, end - begin, 0.0f, streams);
+    } else {
+      stream_limit_u16(reinterpret_cast<std::uint16_t*>(data) + begin, end - begin, 0, streams);
+    }
+  }
+}
+
+// The limit is the fastest of the stream counts {1, 2, 4, 6, 8}, chosen by timing each (median of
+// 5) before the measured loop.
+template <class T>
+int best_stream_count(T* data, std::ptrdiff_t count, int threads) {
+  int best = 1;
+  double best_time = 1e30;
+  for (int streams : {1, 2, 4, 6, 8}) {
+    std::vector<double> times;
+    for (int rep = 0; rep < 5; ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      limit_once(data, count, threads, streams);
+      times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(times.begin(), times.end());
+    if (times[2] < best_time) best_time = times[2], best = streams;
+  }
+  return best;
+}
+
+template <class T>
 void bm_limit(benchmark::State& state, Index r, int threads) {
   set_threads(threads);
   Problem<T> p(kM, kN, 1);
   const std::ptrdiff_t count = kM * kN;
+  const int streams = best_stream_count(p.w.data(), count, threads);
   for (auto _ : state) {
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(threads)
-    {
-      const std::ptrdiff_t chunk = (count + threads - 1) / threads;
-      const std::ptrdiff_t begin = chunk * omp_get_thread_num();
-      const std::ptrdiff_t end = std::min(count, begin + chunk);
-#else
-    {
-      const std::ptrdiff_t begin = 0, end = count;
-#endif
-      if constexpr (std::is_same_v<T, float>) {
-        stream_limit_f32(p.w.data() + begin, end - begin, 0.0f);
-      } else {
-        stream_limit_u16(reinterpret_cast<std::uint16_t*>(p.w.data()) + begin, end - begin, 0);
-      }
-    }
+    limit_once(p.w.data(), count, threads, streams);
     benchmark::ClobberMemory();
   }
   set_counters<T>(state, kM, kN, r);
+  state.SetLabel(std::to_string(streams) + " streams");
 }
 
 template <class F>
@@ -138,10 +164,29 @@ void add(const std::string& impl, Index r, const char* type, int threads, F f) {
       ->UseRealTime();
 }
 
+// fma_peak/limit/f32_t<threads>: the cores' fp32 FMA throughput, for the FLOP/s of compute-bound
+// ranks.
+void bm_fma_peak(benchmark::State& state, int threads) {
+  constexpr long kIterations = 1 << 22;
+  double flops = 0;
+  for (auto _ : state) {
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads) reduction(+ : flops)
+#endif
+    flops += fma_peak_kernel(kIterations);
+  }
+  state.counters["FLOP/s"] = benchmark::Counter(flops, benchmark::Counter::kIsRate);
+}
+
 int register_all() {
   const int max_threads = lowrank::num_threads();
   std::vector<int> thread_counts{1};
   if (max_threads > 1) thread_counts.push_back(max_threads);
+  for (int t : thread_counts) {
+    benchmark::RegisterBenchmark(("fma_peak/limit/f32_t" + std::to_string(t)).c_str(),
+                                 [t](benchmark::State& s) { bm_fma_peak(s, t); })
+        ->UseRealTime();
+  }
   for (int t : thread_counts)
     for (Index r : {1, 4, 16, 64}) {
       add("lowrank", r, "f32", t, bm_lowrank<float>);

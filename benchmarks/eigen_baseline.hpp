@@ -1,0 +1,13 @@
+#pragma once
+#include <Eigen/Core>
+
+// The Eigen code a user would write instead of lowrank::rank_update, compiled with -march=native
+// (benchmarks/CMakeLists.txt) so that Eigen uses the machine's full vector width.
+void eigen_rank_update(Eigen::MatrixXf& w, const Eigen::MatrixXf& u, const Eigen::MatrixXf& v, float alpha);
+// bf16 weights: widen, update in fp32, round back.
+void eigen_rank_update(Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>& w, const Eigen::MatrixXf& u,
+                       const Eigen::MatrixXf& v, float alpha);
+
+// FLOPs of a chain of independent fused multiply-adds on `threads` threads (2 flops each), for
+// the core's FMA peak: returns the number of flops done.
+double fma_peak_kernel(long iterations);
