@@ -345,11 +345,11 @@ void rank_update(MatrixView<TW> W, MatrixView<const TF> U, MatrixView<const TF> 
   detail::check_view(fn, "W", W);
   detail::check_view(fn, "U", U);
   detail::check_view(fn, "V", V);
+  if (U.rows != W.rows) fail(fn, "U has {} rows, W is {}x{} (U must have W's {} rows)", U.rows, W.rows, W.cols, W.rows);
+  if (V.rows != W.cols) fail(fn, "V has {} rows, W is {}x{} (V must have one row per column of W: {})", V.rows, W.rows, W.cols, W.cols);
   if (U.cols != V.cols) {
     fail(fn, "U is {}x{} and V is {}x{}: their column counts (the rank) differ", U.rows, U.cols, V.rows, V.cols);
   }
-  if (U.rows != W.rows) fail(fn, "U has {} rows, W is {}x{} (U must be {}x{})", U.rows, W.rows, W.cols, W.rows, U.cols);
-  if (V.rows != W.cols) fail(fn, "V has {} rows, W is {}x{} (V must be {}x{})", V.rows, W.rows, W.cols, W.cols, V.cols);
   if (U.cols == 0) fail(fn, "rank is 0 (U is {}x0, V is {}x0); the rank must be at least 1", U.rows, V.rows);
   if (!std::isfinite(alpha)) fail(fn, "alpha is {}; it must be finite (W is {}x{})", alpha, W.rows, W.cols);
   if (detail::self_overlapping(W)) {
