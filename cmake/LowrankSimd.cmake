@@ -8,8 +8,8 @@ set(LOWRANK_HAVE_AVX512 OFF)
 set(LOWRANK_AVX2_FLAGS -mavx2 -mfma -mf16c)
 set(LOWRANK_AVX512_FLAGS -mavx512f -mavx2 -mfma -mf16c)
 if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
-  # GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on _mm512_undefined_* (GCC bug 105593).
-  list(APPEND LOWRANK_AVX512_FLAGS -Wno-maybe-uninitialized)
+  # GCC 12's avx512fintrin.h trips -W(maybe-)uninitialized on _mm512_undefined_* (GCC bug 105593).
+  list(APPEND LOWRANK_AVX512_FLAGS -Wno-maybe-uninitialized -Wno-uninitialized)
 endif()
 # The scalar kernels round a * b + c twice on every compiler and -march (no contraction to FMA),
 # so that their results are the same everywhere and tests can predict them bit for bit.

@@ -22,7 +22,8 @@ inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __re
   V acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
-    Ops::prefetch(c + i * ldc + kPrefetch);
+    // The address is formed as an integer: it may lie past the end of C (prefetches never fault).
+    Ops::prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(c + i * ldc) + kPrefetch * sizeof(S)));
     Ops::template load_row<NV>(c + i * ldc, acc[i]);
   }
   for (KIndex k = 0; k < r; ++k) {

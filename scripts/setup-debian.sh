@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what lowrank needs to build, test and benchmark on Debian 12 (or a close relative), from
+# Debian's packages only; installs nothing that is already there. Run as root, or with sudo.
+#   scripts/setup-debian.sh            build + tests + examples + benchmarks
+set -euo pipefail
+
+packages=(
+  g++ cmake ninja-build pkg-config   # toolchain (CMake >= 3.25)
+  libeigen3-dev libfmt-dev           # the library's dependencies
+  libgtest-dev libgmock-dev          # tests
+  libbenchmark-dev libopenblas-dev   # benchmarks and their OpenBLAS baseline
+  python3                            # scripts/bench_ratios.py
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]} == 0)); then
+  exit 0
+fi
+
+echo "setup-debian: installing ${missing[*]}"
+sudo=()
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null || { echo "setup-debian: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+  sudo=(sudo)
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
