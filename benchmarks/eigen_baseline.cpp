@@ -1,5 +1,7 @@
 #include "eigen_baseline.hpp"
 
+namespace LOWRANK_BASELINE_NS {
+
 void eigen_rank_update(Eigen::MatrixXf& w, const Eigen::MatrixXf& u, const Eigen::MatrixXf& v, float alpha) {
   w.noalias() += (alpha * u) * v.transpose();
 }
@@ -33,3 +35,5 @@ double fma_peak_kernel(long iterations) {
   asm volatile("" : : "r"(sum));
   return 2.0 * kLanes * kChains * static_cast<double>(iterations);
 }
+
+}  // namespace LOWRANK_BASELINE_NS

@@ -2,7 +2,8 @@
 // (Eigen's default), against Eigen, OpenBLAS and the in-place streaming limit, in one binary.
 //   impl lowrank  : lowrank::rank_update
 //   impl eigen    : W.noalias() += (alpha * U) * V^T   (bf16: W = (W.cast<float>() + alpha U V^T).cast<bf16>()),
-//                   built with -march=native (eigen_baseline.cpp)
+//                   built with the default flags a consumer of lowrank uses (eigen_baseline.cpp)
+//   impl eigen-native : the same built with -march=native
 //   impl openblas : cblas_sger (r = 1) / cblas_sgemm with beta = 1 (fp32 only)
 //   impl limit    : one read and one write of W's bytes (stream_limit.cpp)
 // Counters: bytes_per_second counts W read + written once; FLOP/s counts 2 m n r.
@@ -18,6 +19,10 @@
 #include <Eigen/Core>
 
 #include "lowrank/lowrank.hpp"
+#define LOWRANK_BASELINE_NS portable
+#include "eigen_baseline.hpp"
+#undef LOWRANK_BASELINE_NS
+#define LOWRANK_BASELINE_NS native
 #include "eigen_baseline.hpp"
 #include "stream_limit.hpp"
 
@@ -73,12 +78,16 @@ void bm_lowrank(benchmark::State& state, Index r, int threads) {
   state.SetLabel(std::string(lowrank::to_string(lowrank::active_target())));
 }
 
-template <class T>
+template <class T, bool kNative>
 void bm_eigen(benchmark::State& state, Index r, int threads) {
   set_threads(threads);
   Problem<T> p(kM, kN, r);
   for (auto _ : state) {
-    eigen_rank_update(p.w, p.u, p.v, kAlpha);
+    if constexpr (kNative) {
+      native::eigen_rank_update(p.w, p.u, p.v, kAlpha);
+    } else {
+      portable::eigen_rank_update(p.w, p.u, p.v, kAlpha);
+    }
     benchmark::ClobberMemory();
   }
   set_counters<T>(state, kM, kN, r);
@@ -173,7 +182,7 @@ void bm_fma_peak(benchmark::State& state, int threads) {
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(threads) reduction(+ : flops)
 #endif
-    flops += fma_peak_kernel(kIterations);
+    flops += native::fma_peak_kernel(kIterations);
   }
   state.counters["FLOP/s"] = benchmark::Counter(flops, benchmark::Counter::kIsRate);
 }
@@ -190,13 +199,15 @@ int register_all() {
   for (int t : thread_counts)
     for (Index r : {1, 4, 16, 64}) {
       add("lowrank", r, "f32", t, bm_lowrank<float>);
-      add("eigen", r, "f32", t, bm_eigen<float>);
+      add("eigen", r, "f32", t, bm_eigen<float, false>);
+      add("eigen-native", r, "f32", t, bm_eigen<float, true>);
 #if defined(LOWRANK_BENCH_OPENBLAS)
       add("openblas", r, "f32", t, bm_openblas);
 #endif
       add("limit", r, "f32", t, bm_limit<float>);
       add("lowrank", r, "bf16", t, bm_lowrank<Eigen::bfloat16>);
-      add("eigen", r, "bf16", t, bm_eigen<Eigen::bfloat16>);
+      add("eigen", r, "bf16", t, bm_eigen<Eigen::bfloat16, false>);
+      add("eigen-native", r, "bf16", t, bm_eigen<Eigen::bfloat16, true>);
       add("limit", r, "bf16", t, bm_limit<Eigen::bfloat16>);
     }
   return 0;

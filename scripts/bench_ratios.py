@@ -9,6 +9,7 @@ Benchmarks are named <op>/<impl>/<shape>; for each op and shape the table gives,
 of one run:
   lowrank/limit     limit time / lowrank time: the fraction of the bandwidth limit reached
   lowrank/eigen     eigen time / lowrank time: speed-up over Eigen (> 1 is faster)
+  lowrank/eigen-native  the same against Eigen built with -march=native
   lowrank/openblas  the same against OpenBLAS
   FLOP/s, and its fraction of the fma_peak/limit benchmark with the same thread count.
 """
@@ -75,8 +76,9 @@ def main():
     for t, p in sorted(peaks.items()):
         print(f"fp32 FMA peak, {t}: {p / 1e9:.1f} GFLOP/s")
     print()
-    print("| op | shape | lowrank/limit | lowrank/eigen | lowrank/openblas | lowrank GFLOP/s | of FMA peak |")
-    print("|---|---|---|---|---|---|---|")
+    print("| op | shape | lowrank/limit | lowrank/eigen | lowrank/eigen-native | lowrank/openblas | "
+          "lowrank GFLOP/s | of FMA peak |")
+    print("|---|---|---|---|---|---|---|---|")
 
     def key(item):
         (op, shape), _ = item
@@ -97,7 +99,7 @@ def main():
         threads = shape.split("_")[-1]
         peak = peaks.get(threads)
         frac = f"{flops / peak:.2f}" if peak else "n/a"
-        print(f"| {op} | {shape} | {ratio('limit')} | {ratio('eigen')} | {ratio('openblas')} | "
+        print(f"| {op} | {shape} | {ratio('limit')} | {ratio('eigen')} | {ratio('eigen-native')} | {ratio('openblas')} | "
               f"{flops / 1e9:.1f} | {frac} |")
 
 
