@@ -6,6 +6,10 @@ void eigen_rank_update(Eigen::MatrixXf& w, const Eigen::MatrixXf& u, const Eigen
   w.noalias() += (alpha * u) * v.transpose();
 }
 
+void eigen_rank1_vectors(Eigen::MatrixXf& w, const Eigen::VectorXf& u, const Eigen::VectorXf& v, float alpha) {
+  w.noalias() += (alpha * u) * v.transpose();
+}
+
 void eigen_rank_update(Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>& w, const Eigen::MatrixXf& u,
                        const Eigen::MatrixXf& v, float alpha) {
   w = (w.cast<float>() + (alpha * u) * v.transpose()).cast<Eigen::bfloat16>();

@@ -4,6 +4,7 @@
 //   impl eigen    : W.noalias() += (alpha * U) * V^T   (bf16: W = (W.cast<float>() + alpha U V^T).cast<bf16>()),
 //                   built with the default flags a consumer of lowrank uses (eigen_baseline.cpp)
 //   impl eigen-native : the same built with -march=native
+//   impl eigen-vector(-native) : rank 1 only, u and v as Eigen::VectorXf (Eigen's outer-product path)
 //   impl openblas : cblas_sger (r = 1) / cblas_sgemm with beta = 1 (fp32 only)
 //   impl limit    : one read and one write of W's bytes (stream_limit.cpp)
 // Counters: bytes_per_second counts W read + written once; FLOP/s counts 2 m n r.
@@ -91,6 +92,22 @@ void bm_eigen(benchmark::State& state, Index r, int threads) {
     benchmark::ClobberMemory();
   }
   set_counters<T>(state, kM, kN, r);
+}
+
+template <bool kNative>
+void bm_eigen_vectors(benchmark::State& state, Index r, int threads) {
+  set_threads(threads);
+  Problem<float> p(kM, kN, r);
+  const Eigen::VectorXf u = p.u.col(0), v = p.v.col(0);
+  for (auto _ : state) {
+    if constexpr (kNative) {
+      native::eigen_rank1_vectors(p.w, u, v, kAlpha);
+    } else {
+      portable::eigen_rank1_vectors(p.w, u, v, kAlpha);
+    }
+    benchmark::ClobberMemory();
+  }
+  set_counters<float>(state, kM, kN, r);
 }
 
 #if defined(LOWRANK_BENCH_OPENBLAS)
@@ -201,6 +218,10 @@ int register_all() {
       add("lowrank", r, "f32", t, bm_lowrank<float>);
       add("eigen", r, "f32", t, bm_eigen<float, false>);
       add("eigen-native", r, "f32", t, bm_eigen<float, true>);
+      if (r == 1) {
+        add("eigen-vector", r, "f32", t, bm_eigen_vectors<false>);
+        add("eigen-vector-native", r, "f32", t, bm_eigen_vectors<true>);
+      }
 #if defined(LOWRANK_BENCH_OPENBLAS)
       add("openblas", r, "f32", t, bm_openblas);
 #endif

@@ -18,10 +18,12 @@ using KIndex = std::ptrdiff_t;
 //   b: packed B,      [ceil(cols / NR)][r][NR] in the compute type (zero padded),
 //   c: row-major storage, element (i, j) at c[i * ldc + j].
 // The storage type of c is fixed per entry; bf16/fp16 are passed as their 16-bit patterns and
-// rounded to nearest-even.
-using PanelF32 = void (*)(const float* a, const float* b, KIndex r, void* c, KIndex ldc, KIndex rows, KIndex cols);
+// rounded to nearest-even. Each tile prefetches, for each of its rows, the element `prefetch`
+// elements after its first one (the caller picks what will be needed next).
+using PanelF32 = void (*)(const float* a, const float* b, KIndex r, void* c, KIndex ldc, KIndex rows, KIndex cols,
+                          KIndex prefetch);
 using PanelF64 = void (*)(const double* a, const double* b, KIndex r, double* c, KIndex ldc, KIndex rows,
-                          KIndex cols);
+                          KIndex cols, KIndex prefetch);
 
 struct RankUpdateKernels {
   int mr_f32, nr_f32;  // micro-tile of the fp32-compute kernels

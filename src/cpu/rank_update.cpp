@@ -15,6 +15,10 @@
 #include "lowrank/core/threading.hpp"
 #include "lowrank/kernels/targets.hpp"
 
+#if defined(LOWRANK_HAVE_OPENMP)
+#include <omp.h>
+#endif
+
 LOWRANK_BEGIN_NAMESPACE
 namespace detail {
 namespace {
@@ -111,32 +115,26 @@ Panels make_panels(Index m, int mr) {
   return panels;
 }
 
-// A (m x r) -> [panel][k][MR], scaled by alpha (computed in double, rounded once), zero padded.
+// Panel p of A (m x r) -> [k][MR], scaled by alpha (computed in double, rounded once), zero
+// padded.
 template <class C, class TF>
-void pack_a(const MatrixView<const TF>& a, double alpha, const Panels& panels, C* out) {
+void pack_a_panel(const MatrixView<const TF>& a, double alpha, const Panels& panels, Index p, C* dst) {
   const int mr = panels.mr;
-  for (Index p = 0; p < panels.count; ++p) {
-    C* dst = out + p * a.cols * mr;
-    const Index first = panels.first_row(p), step = panels.row_step(p), rows = panels.rows(p);
-    for (Index k = 0; k < a.cols; ++k)
-      for (int i = 0; i < mr; ++i)
-        dst[k * mr + i] = i < rows ? static_cast<C>(alpha * to_compute(a(first + i * step, k))) : C(0);
-  }
+  const Index first = panels.first_row(p), step = panels.row_step(p), rows = panels.rows(p);
+  for (Index k = 0; k < a.cols; ++k)
+    for (int i = 0; i < mr; ++i)
+      dst[k * mr + i] = i < rows ? static_cast<C>(alpha * to_compute(a(first + i * step, k))) : C(0);
 }
 
-// B (n x r) -> [block][k][NR], scaled like pack_a, zero padded; lane j of a block holds column
-// order[j] of it (identity without an order).
+// Block q of B (n x r) -> [k][NR], scaled like A, zero padded; lane j holds column order[j] of the
+// block (identity without an order).
 template <class C, class TF>
-void pack_b(const MatrixView<const TF>& b, double alpha, int nr, const int* order, C* out) {
-  const Index blocks = (b.rows + nr - 1) / nr;
-  for (Index q = 0; q < blocks; ++q) {
-    C* dst = out + q * b.cols * nr;
-    for (Index k = 0; k < b.cols; ++k)
-      for (int j = 0; j < nr; ++j) {
-        const Index row = q * nr + (order != nullptr ? order[j] : j);
-        dst[k * nr + j] = row < b.rows ? static_cast<C>(alpha * to_compute(b(row, k))) : C(0);
-      }
-  }
+void pack_b_block(const MatrixView<const TF>& b, double alpha, int nr, const int* order, Index q, C* dst) {
+  for (Index k = 0; k < b.cols; ++k)
+    for (int j = 0; j < nr; ++j) {
+      const Index row = q * nr + (order != nullptr ? order[j] : j);
+      dst[k * nr + j] = row < b.rows ? static_cast<C>(alpha * to_compute(b(row, k))) : C(0);
+    }
 }
 
 // ---- storage conversions for the gather/scatter path -----------------------------------------
@@ -205,13 +203,13 @@ void store_stochastic(T& out, float x, std::uint32_t random) {
 
 // ---- driver -----------------------------------------------------------------------------------
 
+// The calling thread's workspace: packed A and B, and one gather tile per worker thread. Sized
+// before the parallel region, so nothing allocates (or throws) inside it.
 struct Workspace {
-  std::vector<float> a32, b32;
-  std::vector<double> a64, b64;
+  std::vector<float> a32, b32, tiles32;
+  std::vector<double> a64, b64, tiles64;
 };
 thread_local Workspace tls_workspace;
-thread_local std::vector<float> tls_tile32;
-thread_local std::vector<double> tls_tile64;
 
 // Columns per block of B kept hot in L2 (about 256 KiB of packed B), a multiple of NR.
 Index column_block(Index n, Index r, int nr, std::size_t elem) {
@@ -220,27 +218,18 @@ Index column_block(Index n, Index r, int nr, std::size_t elem) {
   return std::min(cols, (n + nr - 1) / nr * nr);
 }
 
-template <class TW>
-void panel_direct(const RankUpdateKernels& k, const compute_of<TW>* a, const compute_of<TW>* b, Index r, TW* c,
-                  Index ldc, Index rows, Index cols) {
-  if constexpr (std::is_same_v<TW, double>) {
-    k.f64(a, b, r, c, ldc, rows, cols);
-  } else if constexpr (std::is_same_v<TW, float>) {
-    k.f32(a, b, r, c, ldc, rows, cols);
-  } else if constexpr (std::is_same_v<TW, bf16>) {
-    k.bf16(a, b, r, c, ldc, rows, cols);
+// The panel kernel for storage type T (T is also the compute type on the gather path).
+template <class T>
+void call_panel(const RankUpdateKernels& k, const compute_of<T>* a, const compute_of<T>* b, Index r, T* c,
+                Index ldc, Index rows, Index cols, Index prefetch) {
+  if constexpr (std::is_same_v<T, double>) {
+    k.f64(a, b, r, c, ldc, rows, cols, prefetch);
+  } else if constexpr (std::is_same_v<T, float>) {
+    k.f32(a, b, r, c, ldc, rows, cols, prefetch);
+  } else if constexpr (std::is_same_v<T, bf16>) {
+    k.bf16(a, b, r, c, ldc, rows, cols, prefetch);
   } else {
-    k.f16(a, b, r, c, ldc, rows, cols);
-  }
-}
-
-template <class TW>
-void panel_compute(const RankUpdateKernels& k, const compute_of<TW>* a, const compute_of<TW>* b, Index r,
-                   compute_of<TW>* c, Index ldc, Index rows, Index cols) {
-  if constexpr (std::is_same_v<TW, double>) {
-    k.f64(a, b, r, c, ldc, rows, cols);
-  } else {
-    k.f32(a, b, r, c, ldc, rows, cols);
+    k.f16(a, b, r, c, ldc, rows, cols, prefetch);
   }
 }
 
@@ -261,41 +250,59 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
   const Index panels = pan.count;
   const Index blocks = (n + nr - 1) / nr;
 
-  Workspace& ws = tls_workspace;
-  C* apack;
-  C* bpack;
-  if constexpr (std::is_same_v<C, double>) {
-    apack = workspace(ws.a64, static_cast<std::size_t>(panels * r * mr));
-    bpack = workspace(ws.b64, static_cast<std::size_t>(blocks * r * nr));
-  } else {
-    apack = workspace(ws.a32, static_cast<std::size_t>(panels * r * mr));
-    bpack = workspace(ws.b32, static_cast<std::size_t>(blocks * r * nr));
-  }
-  pack_a(u, transposed ? 1.0 : alpha, pan, apack);
   const bool half_storage = std::is_same_v<TW, bf16> || std::is_same_v<TW, f16>;
   const bool stochastic = half_storage && options.rounding == Rounding::stochastic;
   const bool direct = c.col_stride == 1 && !stochastic;
   const int* order = direct && std::is_same_v<TW, bf16> ? kern.bf16_b_order : nullptr;
-  pack_b(v, transposed ? alpha : 1.0, nr, order, bpack);
   const Index nc = column_block(n, r, nr, sizeof(C));
+  // What to prefetch: with one column block, the hardware streams along the rows and 1 KiB ahead
+  // in the same row suffices; with several, each panel covers a short stretch of its rows, so
+  // prefetch the same stretch of the next panel (one row further down: see Panels).
+  const Index prefetch = nc < n ? c.row_stride : static_cast<Index>(1024 / sizeof(TW));
 
   int threads = num_threads();
   if (static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(r) < 1 << 18) threads = 1;
-  threads = static_cast<int>(std::min<Index>(threads, panels));
+  threads = static_cast<int>(std::max<Index>(1, std::min<Index>(threads, panels)));
   const RandomStream random(options.seed, options.stream);
+
+  Workspace& ws = tls_workspace;
+  C* apack;
+  C* bpack;
+  C* tiles = nullptr;
+  const auto tile_size = static_cast<std::size_t>(mr * nc);
+  if constexpr (std::is_same_v<C, double>) {
+    apack = workspace(ws.a64, static_cast<std::size_t>(panels * r * mr));
+    bpack = workspace(ws.b64, static_cast<std::size_t>(blocks * r * nr));
+    if (!direct) tiles = workspace(ws.tiles64, tile_size * static_cast<std::size_t>(threads));
+  } else {
+    apack = workspace(ws.a32, static_cast<std::size_t>(panels * r * mr));
+    bpack = workspace(ws.b32, static_cast<std::size_t>(blocks * r * nr));
+    if (!direct) tiles = workspace(ws.tiles32, tile_size * static_cast<std::size_t>(threads));
+  }
+  const double alpha_a = transposed ? 1.0 : alpha;
+  const double alpha_b = transposed ? alpha : 1.0;
 
 #if defined(LOWRANK_HAVE_OPENMP)
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
   {
-    C* tile = nullptr;
-    if (!direct) {
-      if constexpr (std::is_same_v<C, double>) {
-        tile = workspace(tls_tile64, static_cast<std::size_t>(mr * nc));
-      } else {
-        tile = workspace(tls_tile32, static_cast<std::size_t>(mr * nc));
-      }
-    }
+#if defined(LOWRANK_HAVE_OPENMP)
+    C* tile = tiles + tile_size * static_cast<std::size_t>(omp_get_thread_num());
+#else
+    C* tile = tiles;
+#endif
+    // Packing is threaded too. Every thread reads all of B: the loop's implicit barrier waits for
+    // it. A panels are packed with the same static schedule as the panel loop below, so each
+    // thread packs exactly the panels it runs and needs no barrier.
+#if defined(LOWRANK_HAVE_OPENMP)
+#pragma omp for schedule(static)
+#endif
+    for (Index q = 0; q < blocks; ++q) pack_b_block(v, alpha_b, nr, order, q, bpack + q * r * nr);
+#if defined(LOWRANK_HAVE_OPENMP)
+#pragma omp for schedule(static) nowait
+#endif
+    for (Index p = 0; p < panels; ++p) pack_a_panel(u, alpha_a, pan, p, apack + p * r * mr);
+
     for (Index j0 = 0; j0 < n; j0 += nc) {
       const Index width = std::min(nc, n - j0);
       const C* bblock = bpack + (j0 / nr) * r * nr;
@@ -306,13 +313,13 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
         const Index first = pan.first_row(p), step = pan.row_step(p), rows = pan.rows(p);
         const C* apanel = apack + p * r * mr;
         if (direct) {
-          panel_direct<TW>(kern, apanel, bblock, r, &c(first, j0), step * c.row_stride, rows, width);
+          call_panel<TW>(kern, apanel, bblock, r, &c(first, j0), step * c.row_stride, rows, width, prefetch);
           continue;
         }
         // Gather into a compute-precision tile, update it, scatter back rounded.
         for (Index i = 0; i < rows; ++i)
           for (Index j = 0; j < width; ++j) tile[i * nc + j] = load_compute(c(first + i * step, j0 + j));
-        panel_compute<TW>(kern, apanel, bblock, r, tile, nc, rows, width);
+        call_panel<C>(kern, apanel, bblock, r, tile, nc, rows, width, 0);
         for (Index i = 0; i < rows; ++i)
           for (Index j = 0; j < width; ++j) {
             const Index row = first + i * step;

@@ -5,9 +5,6 @@
 
 #include "kernel_api.hpp"
 
-#ifndef LOWRANK_PF
-#define LOWRANK_PF 256
-#endif
 
 LOWRANK_BEGIN_NAMESPACE
 namespace detail {
@@ -18,11 +15,7 @@ namespace avx2_isa {
 struct OpsF32 {
   using V = __m256;
   static constexpr int kLanes = 8;
-  static void prefetch([[maybe_unused]] const void* p) {
-#if LOWRANK_PF > 0
-    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
-#endif
-  }
+  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
@@ -84,11 +77,7 @@ struct OpsF32 {
 struct OpsF64 {
   using V = __m256d;
   static constexpr int kLanes = 4;
-  static void prefetch([[maybe_unused]] const void* p) {
-#if LOWRANK_PF > 0
-    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
-#endif
-  }
+  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
   static V set1(double x) { return _mm256_set1_pd(x); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
   static V load(const double* p) { return _mm256_loadu_pd(p); }
@@ -104,7 +93,6 @@ struct OpsF64 {
 };
 
 // 6 x 16 (fp32) and 6 x 8 (fp64) tiles: 12 accumulators + 2 B vectors + 1 broadcast of 16 ymm.
-constexpr int kPrefetch = LOWRANK_PF;
 constexpr int kMrF32 = 6, kNvF32 = 2;
 constexpr int kBf16OrderTable[16] = {0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15};
 constexpr const int* kBf16Order = kBf16OrderTable;

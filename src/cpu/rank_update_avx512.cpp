@@ -92,7 +92,6 @@ struct OpsF64 {
 };
 
 // 8 x 32 (fp32) and 8 x 16 (fp64) tiles: 16 accumulators + 2 B vectors + 1 broadcast of 32 zmm.
-constexpr int kPrefetch = 256;  // elements ahead in each row of C
 constexpr int kMrF32 = 8, kNvF32 = 2;
 constexpr int kBf16OrderTable[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
                                      1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};

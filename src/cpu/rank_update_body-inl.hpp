@@ -6,7 +6,7 @@
 //                   load_row<NV>/store_row<NV> for float*, Bf16*, F16*: NV vectors of one row of C,
 //                   converted to and from fp32 (RNE) };
 //   struct OpsF64 { same for double* };
-// and the tile sizes kMrF32, kNvF32, kMrF64, kNvF64 (rows; vectors per row), kPrefetch, and
+// and the tile sizes kMrF32, kNvF32, kMrF64, kNvF64 (rows; vectors per row), and
 // kBf16Order: the order in which a bf16 row's NV * kLanes columns land in the vector lanes
 // (B is packed in that order; nullptr when it is the identity).
 //
@@ -15,15 +15,17 @@
 // depend on where its tile falls, hence not on the thread count.
 
 template <class Ops, int MR, int NV, class S, class C>
-inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __restrict c, KIndex ldc) {
+inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __restrict c, KIndex ldc,
+                 KIndex prefetch) {
   using V = typename Ops::V;
   constexpr int W = Ops::kLanes;
   constexpr int NR = NV * W;
   V acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
-    // The address is formed as an integer: it may lie past the end of C (prefetches never fault).
-    Ops::prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(c + i * ldc) + kPrefetch * sizeof(S)));
+    // The address is formed as an integer: it may lie outside C (prefetches never fault).
+    Ops::prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(c + i * ldc) +
+                                                static_cast<std::uintptr_t>(prefetch) * sizeof(S)));
     Ops::template load_row<NV>(c + i * ldc, acc[i]);
   }
   for (KIndex k = 0; k < r; ++k) {
@@ -42,11 +44,11 @@ inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __re
 }
 
 template <class Ops, int MR, int NV, class S, class C>
-void panel(const C* a, const C* b, KIndex r, S* c, KIndex ldc, KIndex rows, KIndex cols) {
+void panel(const C* a, const C* b, KIndex r, S* c, KIndex ldc, KIndex rows, KIndex cols, KIndex prefetch) {
   constexpr KIndex NR = NV * Ops::kLanes;
   KIndex j = 0;
   if (rows == MR) {
-    for (; j + NR <= cols; j += NR) tile<Ops, MR, NV>(a, b + (j / NR) * r * NR, r, c + j, ldc);
+    for (; j + NR <= cols; j += NR) tile<Ops, MR, NV>(a, b + (j / NR) * r * NR, r, c + j, ldc, prefetch);
   }
   // Ragged edge: the same tile on a zero-padded copy of the storage values.
   for (; j < cols; j += NR) {
@@ -54,24 +56,27 @@ void panel(const C* a, const C* b, KIndex r, S* c, KIndex ldc, KIndex rows, KInd
     const KIndex width = cols - j < NR ? cols - j : NR;
     for (KIndex i = 0; i < rows; ++i)
       for (KIndex jj = 0; jj < width; ++jj) buffer[i * NR + jj] = c[i * ldc + j + jj];
-    tile<Ops, MR, NV>(a, b + (j / NR) * r * NR, r, buffer, NR);
+    tile<Ops, MR, NV>(a, b + (j / NR) * r * NR, r, buffer, NR, 0);
     for (KIndex i = 0; i < rows; ++i)
       for (KIndex jj = 0; jj < width; ++jj) c[i * ldc + j + jj] = buffer[i * NR + jj];
   }
 }
 
-inline void panel_f32(const float* a, const float* b, KIndex r, void* c, KIndex ldc, KIndex rows, KIndex cols) {
-  panel<OpsF32, kMrF32, kNvF32>(a, b, r, static_cast<float*>(c), ldc, rows, cols);
+inline void panel_f32(const float* a, const float* b, KIndex r, void* c, KIndex ldc, KIndex rows, KIndex cols,
+                        KIndex prefetch) {
+  panel<OpsF32, kMrF32, kNvF32>(a, b, r, static_cast<float*>(c), ldc, rows, cols, prefetch);
 }
-inline void panel_bf16(const float* a, const float* b, KIndex r, void* c, KIndex ldc, KIndex rows, KIndex cols) {
-  panel<OpsF32, kMrF32, kNvF32>(a, b, r, static_cast<Bf16*>(c), ldc, rows, cols);
+inline void panel_bf16(const float* a, const float* b, KIndex r, void* c, KIndex ldc, KIndex rows, KIndex cols,
+                        KIndex prefetch) {
+  panel<OpsF32, kMrF32, kNvF32>(a, b, r, static_cast<Bf16*>(c), ldc, rows, cols, prefetch);
 }
-inline void panel_f16(const float* a, const float* b, KIndex r, void* c, KIndex ldc, KIndex rows, KIndex cols) {
-  panel<OpsF32, kMrF32, kNvF32>(a, b, r, static_cast<F16*>(c), ldc, rows, cols);
+inline void panel_f16(const float* a, const float* b, KIndex r, void* c, KIndex ldc, KIndex rows, KIndex cols,
+                        KIndex prefetch) {
+  panel<OpsF32, kMrF32, kNvF32>(a, b, r, static_cast<F16*>(c), ldc, rows, cols, prefetch);
 }
-inline void panel_f64(const double* a, const double* b, KIndex r, double* c, KIndex ldc, KIndex rows,
-                      KIndex cols) {
-  panel<OpsF64, kMrF64, kNvF64>(a, b, r, c, ldc, rows, cols);
+inline void panel_f64(const double* a, const double* b, KIndex r, double* c, KIndex ldc, KIndex rows, KIndex cols,
+                      KIndex prefetch) {
+  panel<OpsF64, kMrF64, kNvF64>(a, b, r, c, ldc, rows, cols, prefetch);
 }
 
 constexpr RankUpdateKernels kKernels{kMrF32,      kNvF32 * OpsF32::kLanes, kMrF64,     kNvF64 * OpsF64::kLanes,

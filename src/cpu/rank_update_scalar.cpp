@@ -51,7 +51,6 @@ struct OpsF64 {
   }
 };
 
-constexpr int kPrefetch = 0;
 constexpr const int* kBf16Order = nullptr;
 constexpr int kMrF32 = 4, kNvF32 = 4;
 constexpr int kMrF64 = 4, kNvF64 = 4;
