@@ -24,8 +24,10 @@ from collections import defaultdict
 
 
 def run(binary, repetitions, bench_filter):
+    # Random interleaving runs the repetitions of all benchmarks in a shuffled order, so that a
+    # burst of load on the machine spreads over all of them instead of skewing one ratio.
     cmd = [binary, "--benchmark_format=json", f"--benchmark_repetitions={repetitions}",
-           "--benchmark_report_aggregates_only=true"]
+           "--benchmark_report_aggregates_only=true", "--benchmark_enable_random_interleaving=true"]
     if bench_filter:
         cmd.append(f"--benchmark_filter={bench_filter}")
     print("running:", " ".join(cmd), file=sys.stderr)
@@ -46,7 +48,7 @@ def medians(data):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", default="build/release/benchmarks/lowrank_benchmarks")
-    ap.add_argument("--repetitions", type=int, default=5)
+    ap.add_argument("--repetitions", type=int, default=7)
     ap.add_argument("--filter", default="")
     ap.add_argument("--json", help="also save the raw benchmark JSON here")
     ap.add_argument("--from-json", help="read a saved run instead of running")
