@@ -90,7 +90,7 @@ TEST(Threading, KnobRoundTrips) {
 TEST(Targets, ScalarAlwaysCompiledAndSupported) {
   EXPECT_TRUE(lowrank::compiled_targets() & static_cast<std::uint32_t>(lowrank::Target::scalar));
   EXPECT_EQ(lowrank::supported_targets() & ~lowrank::compiled_targets(), 0u);
-  for (auto t : {lowrank::Target::scalar, lowrank::Target::avx2, lowrank::Target::avx512}) {
+  for (auto t : {lowrank::Target::scalar, lowrank::Target::avx2, lowrank::Target::avx2_128, lowrank::Target::avx512}) {
     EXPECT_EQ(lowrank::parse_target(lowrank::to_string(t)), t);
   }
   EXPECT_FALSE(lowrank::parse_target("sse9").has_value());
@@ -98,7 +98,7 @@ TEST(Targets, ScalarAlwaysCompiledAndSupported) {
 
 TEST(Targets, ForcingAnUnsupportedTargetThrowsAndKeepsTheActiveOne) {
   const lowrank::Target before = lowrank::active_target();
-  for (auto t : {lowrank::Target::avx2, lowrank::Target::avx512}) {
+  for (auto t : {lowrank::Target::avx2, lowrank::Target::avx2_128, lowrank::Target::avx512}) {
     if (lowrank::supported_targets() & static_cast<std::uint32_t>(t)) continue;
     EXPECT_THROW(lowrank::force_target(t), lowrank::Error);
     EXPECT_EQ(lowrank::active_target(), before);

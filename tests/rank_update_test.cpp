@@ -258,7 +258,8 @@ TEST_P(RankUpdate, NaNPolicy) {
   for (float x : w2) EXPECT_EQ(x, 1.0f);
 }
 
-INSTANTIATE_TEST_SUITE_P(Targets, RankUpdate, testing::Values(Target::scalar, Target::avx2, Target::avx512),
+INSTANTIATE_TEST_SUITE_P(Targets, RankUpdate,
+                         testing::Values(Target::scalar, Target::avx2, Target::avx2_128, Target::avx512),
                          [](const testing::TestParamInfo<Target>& info) {
                            return std::string(lowrank::to_string(info.param));
                          });

@@ -43,6 +43,7 @@ struct RankUpdateKernels {
 extern const RankUpdateKernels rank_update_scalar;
 #if defined(LOWRANK_HAVE_AVX2)
 extern const RankUpdateKernels rank_update_avx2;
+extern const RankUpdateKernels rank_update_avx2_128;
 #endif
 #if defined(LOWRANK_HAVE_AVX512)
 extern const RankUpdateKernels rank_update_avx512;

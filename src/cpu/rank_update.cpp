@@ -32,6 +32,7 @@ const RankUpdateKernels& kernels_for(Target target) {
 #endif
 #if defined(LOWRANK_HAVE_AVX2)
     case Target::avx2: return rank_update_avx2;
+    case Target::avx2_128: return rank_update_avx2_128;
 #endif
     default: return rank_update_scalar;
   }

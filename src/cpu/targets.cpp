@@ -6,19 +6,46 @@
 
 #include "lowrank/core/error.hpp"
 
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#define LOWRANK_X86_CPUID 1
+#endif
+
 LOWRANK_BEGIN_NAMESPACE
+
+namespace {
+constexpr Target kAllTargets[] = {Target::scalar, Target::avx2, Target::avx2_128, Target::avx512};
+
+// AMD family 17h models below 30h (Zen, Zen+) execute each 256-bit operation as two 128-bit
+// halves; there the 128-bit AVX2 kernels run faster (docs/performance.md).
+bool splits_256bit_ops() noexcept {
+#if defined(LOWRANK_X86_CPUID)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amd = ebx == 0x68747541u && edx == 0x69746e65u && ecx == 0x444d4163u;  // "AuthenticAMD"
+  if (!amd || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+  const unsigned base_family = (eax >> 8) & 0xFu;
+  const unsigned family = base_family == 0xFu ? base_family + ((eax >> 20) & 0xFFu) : base_family;
+  const unsigned model = ((eax >> 4) & 0xFu) | (base_family == 0xFu ? ((eax >> 12) & 0xF0u) : 0u);
+  return family == 0x17u && model < 0x30u;
+#else
+  return false;
+#endif
+}
+}  // namespace
 
 std::string_view to_string(Target target) noexcept {
   switch (target) {
     case Target::scalar: return "scalar";
     case Target::avx2: return "avx2";
     case Target::avx512: return "avx512";
+    case Target::avx2_128: return "avx2_128";
   }
   return "?";
 }
 
 std::optional<Target> parse_target(std::string_view name) noexcept {
-  for (Target t : {Target::scalar, Target::avx2, Target::avx512})
+  for (Target t : kAllTargets)
     if (name == to_string(t)) return t;
   return std::nullopt;
 }
@@ -26,7 +53,7 @@ std::optional<Target> parse_target(std::string_view name) noexcept {
 std::uint32_t compiled_targets() noexcept {
   std::uint32_t mask = static_cast<std::uint32_t>(Target::scalar);
 #if defined(LOWRANK_HAVE_AVX2)
-  mask |= static_cast<std::uint32_t>(Target::avx2);
+  mask |= static_cast<std::uint32_t>(Target::avx2) | static_cast<std::uint32_t>(Target::avx2_128);
 #endif
 #if defined(LOWRANK_HAVE_AVX512)
   mask |= static_cast<std::uint32_t>(Target::avx512);
@@ -40,7 +67,7 @@ std::uint32_t supported_targets() noexcept {
   // __builtin_cpu_supports also checks that the OS saves the YMM/ZMM state (XGETBV).
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) mask |= static_cast<std::uint32_t>(Target::avx2);
+  if (avx2) mask |= static_cast<std::uint32_t>(Target::avx2) | static_cast<std::uint32_t>(Target::avx2_128);
   if (avx2 && __builtin_cpu_supports("avx512f")) mask |= static_cast<std::uint32_t>(Target::avx512);
 #endif
   return mask & compiled_targets();
@@ -52,13 +79,15 @@ std::atomic<std::uint32_t> g_active{kUnresolved};
 
 Target best_of(std::uint32_t mask) noexcept {
   if (mask & static_cast<std::uint32_t>(Target::avx512)) return Target::avx512;
-  if (mask & static_cast<std::uint32_t>(Target::avx2)) return Target::avx2;
+  if (mask & static_cast<std::uint32_t>(Target::avx2)) {
+    return splits_256bit_ops() ? Target::avx2_128 : Target::avx2;
+  }
   return Target::scalar;
 }
 
 std::string names_of(std::uint32_t mask) {
   std::string out;
-  for (Target t : {Target::scalar, Target::avx2, Target::avx512}) {
+  for (Target t : kAllTargets) {
     if (!(mask & static_cast<std::uint32_t>(t))) continue;
     if (!out.empty()) out += ", ";
     out += to_string(t);
@@ -74,7 +103,7 @@ Target active_target() {
   if (const char* env = std::getenv("LOWRANK_TARGET"); env != nullptr && *env != '\0') {
     const std::optional<Target> named = parse_target(env);
     if (!named) {
-      detail::fail("active_target", "LOWRANK_TARGET='{}' is not a target (scalar, avx2, avx512)", env);
+      detail::fail("active_target", "LOWRANK_TARGET='{}' is not a target (scalar, avx2, avx2_128, avx512)", env);
     }
     if (!(supported_targets() & static_cast<std::uint32_t>(*named))) {
       detail::fail("active_target", "LOWRANK_TARGET='{}' is not supported here (supported: {})", env,

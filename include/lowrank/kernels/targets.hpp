@@ -2,10 +2,12 @@
 /// Instruction-set targets of the CPU kernels, chosen at run time.
 ///
 /// Every kernel has a scalar body (always built) and SIMD bodies compiled in their own
-/// translation units (AVX2+FMA+F16C, AVX-512F). The best target the CPU supports is chosen on
-/// first use; it can be forced, so that every path is tested on one machine:
+/// translation units (AVX2+FMA+F16C on 256-bit and on 128-bit vectors, AVX-512F). The best target
+/// the CPU supports is chosen on first use: avx512, else avx2, except on cores that split 256-bit
+/// operations into two halves (AMD family 17h models below 30h: Zen, Zen+), where avx2_128 is
+/// faster. It can be forced, so that every path is tested on one machine:
 /// - from code: `lowrank::force_target(lowrank::Target::avx2)`, undone by `reset_target()`;
-/// - from the environment: `LOWRANK_TARGET=scalar|avx2|avx512`, read on first use.
+/// - from the environment: `LOWRANK_TARGET=scalar|avx2|avx2_128|avx512`, read on first use.
 #pragma once
 
 #include <cstdint>
@@ -21,12 +23,13 @@ enum class Target : std::uint32_t {
   scalar = 1u << 0,  ///< portable C++, always built
   avx2 = 1u << 1,    ///< x86-64 AVX2 + FMA + F16C
   avx512 = 1u << 2,  ///< x86-64 AVX-512F (+ FMA, F16C)
+  avx2_128 = 1u << 3,  ///< x86-64 AVX2 + FMA + F16C instructions on 128-bit vectors
 };
 
-/// "scalar", "avx2" or "avx512".
+/// "scalar", "avx2", "avx2_128" or "avx512".
 [[nodiscard]] std::string_view to_string(Target target) noexcept;
 
-/// The target named `name` ("scalar", "avx2", "avx512"), if any.
+/// The target named `name` ("scalar", "avx2", "avx2_128", "avx512"), if any.
 [[nodiscard]] std::optional<Target> parse_target(std::string_view name) noexcept;
 
 /// Mask of the targets compiled into this build of the library.
