@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernel_api.hpp"
 
@@ -27,51 +28,25 @@ struct OpsF32 {
   static void store(F16* p, V x) {
     _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  // bf16 rows in pairs of vectors, even columns first (kBf16Order); see rank_update_avx2.cpp.
-  template <int NV>
-  static void load_row(const Bf16* p, V* out) {
-    static_assert(NV % 2 == 0, "bf16 rows come in pairs of vectors");
-    for (int v = 0; v < NV; v += 2) {
-      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + v * kLanes));
-      out[v] = _mm_castsi128_ps(_mm_slli_epi32(x, 16));
-      out[v + 1] = _mm_castsi128_ps(_mm_and_si128(x, _mm_set1_epi32(static_cast<int>(0xFFFF0000u))));
-    }
+  // bf16 in pairs of vectors, even columns first (see load_row in rank_update_body-inl.hpp).
+  static constexpr bool kBf16Pairs = true;
+  static void load_bf16_pair(const Bf16* p, V& even, V& odd) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    even = _mm_castsi128_ps(_mm_slli_epi32(x, 16));
+    odd = _mm_castsi128_ps(_mm_and_si128(x, _mm_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
+  // Round to nearest even into the top 16 bits: bits + 0x7FFF + lsb (not valid for NaN).
   static __m128i round_bf16(V x) {
     const __m128i bits = _mm_castps_si128(x);
     const __m128i lsb = _mm_and_si128(_mm_srli_epi32(bits, 16), _mm_set1_epi32(1));
     return _mm_add_epi32(_mm_add_epi32(bits, _mm_set1_epi32(0x7FFF)), lsb);
   }
-  template <int NV>
-  static void store_row(Bf16* p, const V* in) {
-    for (int v = 0; v < NV; v += 2) {
-      Bf16* q = p + v * kLanes;
-      if (_mm_movemask_ps(_mm_cmpunord_ps(in[v], in[v + 1])) != 0) {
-        store_pair_exact(q, in[v], in[v + 1]);  // a NaN: rare, keep it a NaN
-        continue;
-      }
-      const __m128i even = _mm_srli_epi32(round_bf16(in[v]), 16);
-      const __m128i odd = round_bf16(in[v + 1]);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm_blend_epi16(even, odd, 0xAA));
-    }
+  static void store_bf16_pair(Bf16* p, V even_f, V odd_f) {
+    const __m128i even = _mm_srli_epi32(round_bf16(even_f), 16);
+    const __m128i odd = round_bf16(odd_f);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_blend_epi16(even, odd, 0xAA));
   }
-  [[gnu::noinline, gnu::cold]] static void store_pair_exact(Bf16* q, V even, V odd) {
-    alignas(16) float e[kLanes], o[kLanes];
-    _mm_store_ps(e, even);
-    _mm_store_ps(o, odd);
-    for (int i = 0; i < kLanes; ++i) {
-      q[2 * i].bits = f32_to_bf16_bits(e[i]);
-      q[2 * i + 1].bits = f32_to_bf16_bits(o[i]);
-    }
-  }
-  template <int NV, class S>
-  static void load_row(const S* p, V* out) {
-    for (int v = 0; v < NV; ++v) out[v] = load(p + v * kLanes);
-  }
-  template <int NV, class S>
-  static void store_row(S* p, const V* in) {
-    for (int v = 0; v < NV; ++v) store(p + v * kLanes, in[v]);
-  }
+  static bool any_nan(V a, V b) { return _mm_movemask_ps(_mm_cmpunord_ps(a, b)) != 0; }
 };
 
 struct OpsF64 {
@@ -82,14 +57,6 @@ struct OpsF64 {
   static V fma(V a, V b, V c) { return _mm_fmadd_pd(a, b, c); }
   static V load(const double* p) { return _mm_loadu_pd(p); }
   static void store(double* p, V x) { _mm_storeu_pd(p, x); }
-  template <int NV, class S>
-  static void load_row(const S* p, V* out) {
-    for (int v = 0; v < NV; ++v) out[v] = load(p + v * kLanes);
-  }
-  template <int NV, class S>
-  static void store_row(S* p, const V* in) {
-    for (int v = 0; v < NV; ++v) store(p + v * kLanes, in[v]);
-  }
 };
 
 // 3 x 16 (fp32) and 3 x 8 (fp64) tiles: 12 accumulators + 4 B vectors of 16 xmm (measured best

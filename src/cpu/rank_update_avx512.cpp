@@ -2,6 +2,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernel_api.hpp"
 
@@ -19,57 +20,31 @@ struct OpsF32 {
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
-  // bf16 rows in pairs of vectors, even columns first (kBf16Order); see rank_update_avx2.cpp.
-  template <int NV>
-  static void load_row(const Bf16* p, V* out) {
-    static_assert(NV % 2 == 0, "bf16 rows come in pairs of vectors");
-    for (int v = 0; v < NV; v += 2) {
-      const __m512i x = _mm512_loadu_si512(p + v * kLanes);
-      out[v] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-      out[v + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-    }
+  // bf16 in pairs of vectors, even columns first (see load_row in rank_update_body-inl.hpp).
+  static constexpr bool kBf16Pairs = true;
+  static void load_bf16_pair(const Bf16* p, V& even, V& odd) {
+    const __m512i x = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
+  // Round to nearest even into the top 16 bits: bits + 0x7FFF + lsb (not valid for NaN).
   static __m512i round_bf16(V x) {
     const __m512i bits = _mm512_castps_si512(x);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     return _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb);
   }
-  template <int NV>
-  static void store_row(Bf16* p, const V* in) {
-    for (int v = 0; v < NV; v += 2) {
-      Bf16* q = p + v * kLanes;
-      if (_mm512_cmp_ps_mask(in[v], in[v + 1], _CMP_UNORD_Q) != 0) {
-        store_pair_exact(q, in[v], in[v + 1]);
-        continue;
-      }
-      const __m512i even = _mm512_srli_epi32(round_bf16(in[v]), 16);
-      const __m512i odd = _mm512_and_si512(round_bf16(in[v + 1]), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
-      _mm512_storeu_si512(q, _mm512_or_si512(even, odd));
-    }
+  static void store_bf16_pair(Bf16* p, V even_f, V odd_f) {
+    const __m512i even = _mm512_srli_epi32(round_bf16(even_f), 16);
+    const __m512i odd = round_bf16(odd_f);
+    _mm512_storeu_si512(p, _mm512_or_si512(even, _mm512_and_si512(odd, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))));
   }
-  [[gnu::noinline, gnu::cold]] static void store_pair_exact(Bf16* q, V even, V odd) {
-    alignas(64) float e[kLanes], o[kLanes];
-    _mm512_store_ps(e, even);
-    _mm512_store_ps(o, odd);
-    for (int i = 0; i < kLanes; ++i) {
-      q[2 * i].bits = f32_to_bf16_bits(e[i]);
-      q[2 * i + 1].bits = f32_to_bf16_bits(o[i]);
-    }
-  }
+  static bool any_nan(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q) != 0; }
   static V load(const F16* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static void store(F16* p, V x) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                         _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-  template <int NV, class S>
-  static void load_row(const S* p, V* out) {
-    for (int v = 0; v < NV; ++v) out[v] = load(p + v * kLanes);
-  }
-  template <int NV, class S>
-  static void store_row(S* p, const V* in) {
-    for (int v = 0; v < NV; ++v) store(p + v * kLanes, in[v]);
   }
 };
 
@@ -81,14 +56,6 @@ struct OpsF64 {
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   static V load(const double* p) { return _mm512_loadu_pd(p); }
   static void store(double* p, V x) { _mm512_storeu_pd(p, x); }
-  template <int NV, class S>
-  static void load_row(const S* p, V* out) {
-    for (int v = 0; v < NV; ++v) out[v] = load(p + v * kLanes);
-  }
-  template <int NV, class S>
-  static void store_row(S* p, const V* in) {
-    for (int v = 0; v < NV; ++v) store(p + v * kLanes, in[v]);
-  }
 };
 
 // 8 x 32 (fp32) and 8 x 16 (fp64) tiles: 16 accumulators + 2 B vectors + 1 broadcast of 32 zmm.

@@ -3,9 +3,10 @@
 //
 // Before including, the TU defines in its namespace:
 //   struct OpsF32 { using V; static constexpr int kLanes; set1, fma(a, b, c) = a * b + c, prefetch,
-//                   load_row<NV>/store_row<NV> for float*, Bf16*, F16*: NV vectors of one row of C,
-//                   converted to and from fp32 (RNE) };
-//   struct OpsF64 { same for double* };
+//                   load/store of one vector for float* and F16* (converting, RNE), and either
+//                   load/store for Bf16* (kBf16Pairs = false) or, with kBf16Pairs = true, the pair
+//                   functions load_bf16_pair, store_bf16_pair (RNE, not valid for NaN), any_nan };
+//   struct OpsF64 { the same for double* };
 // and the tile sizes kMrF32, kNvF32, kMrF64, kNvF64 (rows; vectors per row), and
 // kBf16Order: the order in which a bf16 row's NV * kLanes columns land in the vector lanes
 // (B is packed in that order; nullptr when it is the identity).
@@ -13,6 +14,56 @@
 // Every element is computed as acc = C(i, j); for k in 0..r-1: acc = fma(a(i, k), b(j, k), acc);
 // C(i, j) = round(acc). Edge tiles run the same code on a padded copy, so an element's bits do not
 // depend on where its tile falls, hence not on the thread count.
+
+// bf16 pair fallback for a pair holding a NaN: exact scalar rounding keeps it a NaN. Rare, cold.
+template <class Ops, class V>
+[[gnu::noinline, gnu::cold]] void store_bf16_pair_exact(Bf16* q, V even, V odd) {
+  float e[Ops::kLanes], o[Ops::kLanes];
+  Ops::store(e, even);
+  Ops::store(o, odd);
+  for (int i = 0; i < Ops::kLanes; ++i) {
+    q[2 * i].bits = f32_to_bf16_bits(e[i]);
+    q[2 * i + 1].bits = f32_to_bf16_bits(o[i]);
+  }
+}
+
+// NV vectors of one row of C, converted to and from the compute type. With kBf16Pairs, a bf16 row
+// is handled in pairs of vectors: even columns in the first, odd columns in the second
+// (kBf16Order), so that widening is a shift or a mask and narrowing a shift and a blend.
+template <class Ops, class S>
+constexpr bool bf16_pairs() {
+  if constexpr (std::is_same_v<S, Bf16>) {
+    return Ops::kBf16Pairs;
+  } else {
+    return false;
+  }
+}
+
+template <class Ops, int NV, class S, class V>
+inline void load_row(const S* p, V* out) {
+  if constexpr (bf16_pairs<Ops, S>()) {
+    static_assert(NV % 2 == 0, "bf16 rows come in pairs of vectors");
+    for (int v = 0; v < NV; v += 2) Ops::load_bf16_pair(p + v * Ops::kLanes, out[v], out[v + 1]);
+  } else {
+    for (int v = 0; v < NV; ++v) out[v] = Ops::load(p + v * Ops::kLanes);
+  }
+}
+
+template <class Ops, int NV, class S, class V>
+inline void store_row(S* p, const V* in) {
+  if constexpr (bf16_pairs<Ops, S>()) {
+    for (int v = 0; v < NV; v += 2) {
+      Bf16* q = p + v * Ops::kLanes;
+      if (Ops::any_nan(in[v], in[v + 1])) {
+        store_bf16_pair_exact<Ops>(q, in[v], in[v + 1]);
+      } else {
+        Ops::store_bf16_pair(q, in[v], in[v + 1]);
+      }
+    }
+  } else {
+    for (int v = 0; v < NV; ++v) Ops::store(p + v * Ops::kLanes, in[v]);
+  }
+}
 
 template <class Ops, int MR, int NV, class S, class C>
 inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __restrict c, KIndex ldc,
@@ -26,7 +77,7 @@ inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __re
     // The address is formed as an integer: it may lie outside C (prefetches never fault).
     Ops::prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(c + i * ldc) +
                                                 static_cast<std::uintptr_t>(prefetch) * sizeof(S)));
-    Ops::template load_row<NV>(c + i * ldc, acc[i]);
+    load_row<Ops, NV>(c + i * ldc, acc[i]);
   }
   for (KIndex k = 0; k < r; ++k) {
     V bv[NV];
@@ -40,7 +91,7 @@ inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __re
     }
   }
 #pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) Ops::template store_row<NV>(c + i * ldc, acc[i]);
+  for (int i = 0; i < MR; ++i) store_row<Ops, NV>(c + i * ldc, acc[i]);
 }
 
 template <class Ops, int MR, int NV, class S, class C>

@@ -1,6 +1,7 @@
 // Scalar (portable C++) rank-update kernels: always built, the reference path for every CPU and
 // for sanitizer builds.
 #include <cstdint>
+#include <type_traits>
 
 #include "kernel_api.hpp"
 
@@ -18,19 +19,12 @@ struct OpsF32 {
   // Two roundings: without a hardware FMA, std::fma would be a slow library call.
   static V fma(V a, V b, V c) { return a * b + c; }
   static V load(const float* p) { return *p; }
+  static constexpr bool kBf16Pairs = false;
   static V load(const Bf16* p) { return bf16_bits_to_f32(p->bits); }
   static V load(const F16* p) { return f16_bits_to_f32(p->bits); }
   static void store(float* p, V x) { *p = x; }
   static void store(Bf16* p, V x) { p->bits = f32_to_bf16_bits(x); }
   static void store(F16* p, V x) { p->bits = f32_to_f16_bits(x); }
-  template <int NV, class S>
-  static void load_row(const S* p, V* out) {
-    for (int v = 0; v < NV; ++v) out[v] = load(p + v * kLanes);
-  }
-  template <int NV, class S>
-  static void store_row(S* p, const V* in) {
-    for (int v = 0; v < NV; ++v) store(p + v * kLanes, in[v]);
-  }
 };
 
 struct OpsF64 {
@@ -41,14 +35,6 @@ struct OpsF64 {
   static V fma(V a, V b, V c) { return a * b + c; }
   static V load(const double* p) { return *p; }
   static void store(double* p, V x) { *p = x; }
-  template <int NV, class S>
-  static void load_row(const S* p, V* out) {
-    for (int v = 0; v < NV; ++v) out[v] = load(p + v * kLanes);
-  }
-  template <int NV, class S>
-  static void store_row(S* p, const V* in) {
-    for (int v = 0; v < NV; ++v) store(p + v * kLanes, in[v]);
-  }
 };
 
 constexpr const int* kBf16Order = nullptr;
