@@ -14,13 +14,6 @@
 #include "lowrank/lowrank.hpp"
 #include "test_util.hpp"
 
-// Readable test names and failure messages for the target parameter (found by ADL).
-namespace lowrank {
-inline namespace v0 {
-void PrintTo(Target target, std::ostream* os) { *os << to_string(target); }
-}  // namespace v0
-}  // namespace lowrank
-
 namespace {
 
 using namespace lowrank_test;
