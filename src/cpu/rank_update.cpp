@@ -6,7 +6,6 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "kernel_api.hpp"
@@ -141,10 +140,7 @@ void pack_b_block(const MatrixView<const TF>& b, double alpha, int nr, const int
 // ---- storage conversions for the gather/scatter path -----------------------------------------
 
 template <class T>
-using compute_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-template <class T>
-compute_of<T> load_compute(const T& x) {
+compute_t<T> load_compute(const T& x) {
   if constexpr (std::is_same_v<T, bf16>) {
     return bf16_bits_to_f32(std::bit_cast<std::uint16_t>(x));
   } else if constexpr (std::is_same_v<T, f16>) {
@@ -155,7 +151,7 @@ compute_of<T> load_compute(const T& x) {
 }
 
 template <class T>
-void store_nearest(T& out, compute_of<T> x) {
+void store_nearest(T& out, compute_t<T> x) {
   if constexpr (std::is_same_v<T, bf16>) {
     out = std::bit_cast<bf16>(f32_to_bf16_bits(x));
   } else if constexpr (std::is_same_v<T, f16>) {
@@ -221,7 +217,7 @@ Index column_block(Index n, Index r, int nr, std::size_t elem) {
 
 // The panel kernel for storage type T (T is also the compute type on the gather path).
 template <class T>
-void call_panel(const RankUpdateKernels& k, const compute_of<T>* a, const compute_of<T>* b, Index r, T* c,
+void call_panel(const RankUpdateKernels& k, const compute_t<T>* a, const compute_t<T>* b, Index r, T* c,
                 Index ldc, Index rows, Index cols, Index prefetch) {
   if constexpr (std::is_same_v<T, double>) {
     k.f64(a, b, r, c, ldc, rows, cols, prefetch);
@@ -241,7 +237,7 @@ void call_panel(const RankUpdateKernels& k, const compute_of<T>* a, const comput
 template <class TW, class TF>
 void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const TF>& v, double alpha,
          const RankUpdateOptions& options, bool transposed, Index user_cols) {
-  using C = compute_of<TW>;
+  using C = compute_t<TW>;
   if (c.cols == 1) c.col_stride = 1;  // a single column is contiguous whatever its stride
   const RankUpdateKernels& kern = kernels_for(active_target());
   const int mr = std::is_same_v<C, double> ? kern.mr_f64 : kern.mr_f32;
@@ -251,7 +247,7 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
   const Index panels = pan.count;
   const Index blocks = (n + nr - 1) / nr;
 
-  const bool half_storage = std::is_same_v<TW, bf16> || std::is_same_v<TW, f16>;
+  constexpr bool half_storage = std::is_same_v<TW, bf16> || std::is_same_v<TW, f16>;
   const bool stochastic = half_storage && options.rounding == Rounding::stochastic;
   const bool direct = c.col_stride == 1 && !stochastic;
   const int* order = direct && std::is_same_v<TW, bf16> ? kern.bf16_b_order : nullptr;
@@ -326,7 +322,7 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
             const Index row = first + i * step;
             TW& out = c(row, j0 + j);
             const C value = tile[i * nc + j];
-            if constexpr (std::is_same_v<TW, bf16> || std::is_same_v<TW, f16>) {
+            if constexpr (half_storage) {
               if (stochastic) {
                 const Index ui = transposed ? j0 + j : row;
                 const Index uj = transposed ? row : j0 + j;

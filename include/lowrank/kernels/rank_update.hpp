@@ -54,8 +54,8 @@ struct RankUpdateOptions {
 /// error.
 ///
 /// Cost: 2·m·n·r flops, one read and one write of W; memory-bound for r up to about 16 (fp32).
-/// Allocation: packs U and V into a per-thread workspace that grows only when a call needs more
-/// than any earlier call on the same thread.
+/// Allocation: packs U and V into the calling thread's workspace, which grows only when a call
+/// needs more than any earlier call on the same thread.
 ///
 /// \throws Error (W unchanged) if shapes disagree, r == 0, alpha is not finite, a stride is not
 /// positive, a non-empty view has a null pointer, W's elements overlap each other, or W's memory
