@@ -330,6 +330,57 @@ TEST(RankUpdateStochastic, SeedsAndStreamsSelectThePattern) {
   EXPECT_NE(run(5, 0), run(5, 1));
 }
 
+TEST(RankUpdateStochastic, BlocksWithTheirOriginsMatchOneWholeCall) {
+  // A weight updated row block by row block (as a streaming merge does), or column block by column
+  // block in the Conv1D layout, gives bitwise the result of one call on the whole matrix.
+  std::mt19937_64 rng(8);
+  const Index out = 45, in = 70, r = 5;
+  auto w = make_matrix<bf16>(out, in, Order::row_major, rng);
+  auto u = make_matrix<float>(out, r, Order::row_major, rng);
+  auto v = make_matrix<float>(in, r, Order::row_major, rng);
+  const auto uc = lowrank::detail::const_view(u.view), vc = lowrank::detail::const_view(v.view);
+  lowrank::RankUpdateOptions o{lowrank::Rounding::stochastic, 11, 4};
+  std::vector<bf16> whole(static_cast<std::size_t>(out * in));
+  for (Index i = 0; i < out; ++i)
+    for (Index j = 0; j < in; ++j) whole[static_cast<std::size_t>(i * in + j)] = w.view(i, j);
+  std::vector<bf16> rows = whole;
+  lowrank::rank_update(lowrank::row_major(whole.data(), out, in), uc, vc, 0.7, o);
+
+  for (Index i0 = 0; i0 < out; i0 += 7) {
+    const Index h = std::min<Index>(7, out - i0);
+    auto ob = o;
+    ob.index_row0 = static_cast<std::uint64_t>(i0);
+    lowrank::rank_update(lowrank::row_major(rows.data() + i0 * in, h, in),
+                         lowrank::MatrixView<const float>(uc.data + i0 * uc.row_stride, h, r, uc.row_stride, uc.col_stride),
+                         vc, 0.7, ob);
+  }
+  // Conv1D storage (in x out), updated in blocks of stored rows = column blocks of the out x in matrix.
+  std::vector<bf16> t(static_cast<std::size_t>(in * out));
+  for (Index i = 0; i < out; ++i)
+    for (Index j = 0; j < in; ++j) t[static_cast<std::size_t>(j * out + i)] = w.view(i, j);
+  for (Index j0 = 0; j0 < in; j0 += 16) {
+    const Index h = std::min<Index>(16, in - j0);
+    auto ob = o;
+    ob.index_col0 = static_cast<std::uint64_t>(j0);
+    ob.index_cols = static_cast<std::uint64_t>(in);
+    const lowrank::WeightView<bf16> wv{lowrank::row_major(t.data() + j0 * out, h, out), lowrank::Layout::in_out};
+    lowrank::rank_update(wv, uc,
+                         lowrank::MatrixView<const float>(vc.data + j0 * vc.row_stride, h, r, vc.row_stride, vc.col_stride),
+                         0.7, ob);
+  }
+  for (Index i = 0; i < out; ++i)
+    for (Index j = 0; j < in; ++j) {
+      const auto k = static_cast<std::size_t>(i * in + j);
+      ASSERT_EQ(std::bit_cast<std::uint16_t>(rows[k]), std::bit_cast<std::uint16_t>(whole[k])) << i << ", " << j;
+      ASSERT_EQ(std::bit_cast<std::uint16_t>(t[static_cast<std::size_t>(j * out + i)]),
+                std::bit_cast<std::uint16_t>(whole[k]))
+          << i << ", " << j;
+    }
+  auto bad = o;
+  bad.index_cols = 10;
+  EXPECT_THROW(lowrank::rank_update(lowrank::row_major(whole.data(), out, in), uc, vc, 0.7, bad), lowrank::Error);
+}
+
 TEST(RankUpdateStochastic, StaysWithinOneUlpOfTheExactResult) {
   std::mt19937_64 rng(21);
   for (Order wo : {Order::row_major, Order::col_major, Order::both_strided}) {

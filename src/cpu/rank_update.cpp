@@ -236,7 +236,7 @@ void call_panel(const RankUpdateKernels& k, const compute_t<T>* a, const compute
 // fma(alpha * U(i, k), V(j, k), acc) in both orientations.
 template <class TW, class TF>
 void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const TF>& v, double alpha,
-         const RankUpdateOptions& options, bool transposed, Index user_cols) {
+         const RankUpdateOptions& options, bool transposed, std::uint64_t user_cols) {
   using C = compute_t<TW>;
   if (c.cols == 1) c.col_stride = 1;  // a single column is contiguous whatever its stride
   const RankUpdateKernels& kern = kernels_for(active_target());
@@ -326,7 +326,9 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
               if (stochastic) {
                 const Index ui = transposed ? j0 + j : row;
                 const Index uj = transposed ? row : j0 + j;
-                store_stochastic(out, value, random.bits(static_cast<std::uint64_t>(ui * user_cols + uj)));
+                const auto index = (options.index_row0 + static_cast<std::uint64_t>(ui)) * user_cols +
+                                   options.index_col0 + static_cast<std::uint64_t>(uj);
+                store_stochastic(out, value, random.bits(index));
                 continue;
               }
             }
@@ -361,14 +363,20 @@ void rank_update(MatrixView<TW> W, MatrixView<const TF> U, MatrixView<const TF> 
   }
   if (detail::spans_overlap(W, U)) fail(fn, "W's memory ({}x{}) overlaps U's ({}x{})", W.rows, W.cols, U.rows, U.cols);
   if (detail::spans_overlap(W, V)) fail(fn, "W's memory ({}x{}) overlaps V's ({}x{})", W.rows, W.cols, V.rows, V.cols);
+  if (options.index_cols != 0 && options.index_col0 + static_cast<std::uint64_t>(W.cols) > options.index_cols) {
+    fail(fn, "options.index_col0 ({}) + W's {} columns exceed options.index_cols ({})", options.index_col0, W.cols,
+         options.index_cols);
+  }
   if (alpha == 0.0 || W.empty()) return;
+  const std::uint64_t index_cols =
+      options.index_cols != 0 ? options.index_cols : static_cast<std::uint64_t>(W.cols);
 
   // Canonical form: unit column stride where possible (a column-major W is updated as W^T += V U^T).
   const bool transpose = W.col_stride != 1 && W.cols > 1 && (W.row_stride == 1 || W.rows == 1);
   if (transpose) {
-    detail::run(W.transposed(), V, U, alpha, options, true, W.cols);
+    detail::run(W.transposed(), V, U, alpha, options, true, index_cols);
   } else {
-    detail::run(W, U, V, alpha, options, false, W.cols);
+    detail::run(W, U, V, alpha, options, false, index_cols);
   }
 }
 

@@ -25,9 +25,16 @@ struct RankUpdateOptions {
   /// equals the storage precision there).
   Rounding rounding = Rounding::nearest_even;
   /// Key of the Philox stream that drives stochastic rounding: element `(i, j)` of the `W` view
-  /// as passed uses `RandomStream(seed, stream).bits(i * W.cols + j)`.
+  /// as passed uses `RandomStream(seed, stream).bits(i * W.cols + j)` (see `index_row0` below).
   std::uint64_t seed = 0;
   std::uint64_t stream = 0;
+  /// Where this `W` sits in a larger matrix, for stochastic-rounding indices only: element `(i, j)`
+  /// of the view as passed uses `bits((index_row0 + i) * index_cols + index_col0 + j)`, with
+  /// `index_cols == 0` meaning `W.cols`. Updating a matrix block by block with the blocks' origins
+  /// gives bitwise the result of one call on the whole matrix.
+  std::uint64_t index_row0 = 0;
+  std::uint64_t index_col0 = 0;
+  std::uint64_t index_cols = 0;
 };
 
 /// Rank-r update in place: \f$ W \leftarrow W + \alpha\, U V^\top \f$, i.e.
