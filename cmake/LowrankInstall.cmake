@@ -6,7 +6,14 @@ include(CMakePackageConfigHelpers)
 set(LOWRANK_INSTALL_CMAKEDIR "${CMAKE_INSTALL_LIBDIR}/cmake/lowrank" CACHE STRING
     "Where lowrank's CMake package files are installed")
 
-install(TARGETS lowrank EXPORT lowrank-targets
+set(_lowrank_install_targets lowrank)
+if(LOWRANK_BUILD_IO)
+  list(APPEND _lowrank_install_targets lowrank_io)
+endif()
+if(LOWRANK_BUILD_TOOLS)
+  install(TARGETS lowrank_tool RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+endif()
+install(TARGETS ${_lowrank_install_targets} EXPORT lowrank-targets
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
   RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR}

@@ -12,6 +12,7 @@
 #include "lowrank/core/error.hpp"
 #include "lowrank/core/philox.hpp"
 #include "lowrank/core/threading.hpp"
+#include "lowrank/kernels/convert.hpp"
 #include "lowrank/kernels/targets.hpp"
 
 #if defined(LOWRANK_HAVE_OPENMP)
@@ -379,6 +380,60 @@ void rank_update(MatrixView<TW> W, MatrixView<const TF> U, MatrixView<const TF> 
     detail::run(W, U, V, alpha, options, false, index_cols);
   }
 }
+
+template <SupportedScalar TD, SupportedScalar TS>
+  requires(!std::is_const_v<TD>)
+void convert(MatrixView<const TS> src, MatrixView<TD> dst, const ConvertOptions& options) {
+  constexpr const char* fn = "convert";
+  using detail::fail;
+  detail::check_view(fn, "src", src);
+  detail::check_view(fn, "dst", dst);
+  if (src.rows != dst.rows || src.cols != dst.cols) {
+    fail(fn, "src is {}x{} and dst is {}x{}; they must have the same shape", src.rows, src.cols, dst.rows, dst.cols);
+  }
+  if (detail::self_overlapping(dst)) fail(fn, "dst ({}x{}) has overlapping elements", dst.rows, dst.cols);
+  if (detail::spans_overlap(dst, src)) fail(fn, "dst's memory ({}x{}) overlaps src's", dst.rows, dst.cols);
+  if (options.index_cols != 0 && options.index_col0 + static_cast<std::uint64_t>(dst.cols) > options.index_cols) {
+    fail(fn, "options.index_col0 ({}) + dst's {} columns exceed options.index_cols ({})", options.index_col0, dst.cols,
+         options.index_cols);
+  }
+  constexpr bool half = std::is_same_v<TD, bf16> || std::is_same_v<TD, f16>;
+  const bool stochastic = half && options.rounding == Rounding::stochastic;
+  const std::uint64_t index_cols = options.index_cols != 0 ? options.index_cols : static_cast<std::uint64_t>(dst.cols);
+  const RandomStream random(options.seed, options.stream);
+  for (Index i = 0; i < dst.rows; ++i) {
+    for (Index j = 0; j < dst.cols; ++j) {
+      const TS& x = src(i, j);
+      TD& out = dst(i, j);
+      if constexpr (half) {
+        const float value = static_cast<float>(detail::load_compute(x));
+        if (stochastic) {
+          const auto index = (options.index_row0 + static_cast<std::uint64_t>(i)) * index_cols + options.index_col0 +
+                             static_cast<std::uint64_t>(j);
+          detail::store_stochastic(out, value, random.bits(index));
+        } else {
+          detail::store_nearest(out, value);
+        }
+      } else {
+        out = static_cast<TD>(detail::load_compute(x));
+      }
+    }
+  }
+}
+
+#define LOWRANK_INSTANTIATE_CONVERT(TD, TS) \
+  template void convert<TD, TS>(MatrixView<const TS>, MatrixView<TD>, const ConvertOptions&);
+#define LOWRANK_INSTANTIATE_CONVERT_ALL(TD)  \
+  LOWRANK_INSTANTIATE_CONVERT(TD, double) \
+  LOWRANK_INSTANTIATE_CONVERT(TD, float)  \
+  LOWRANK_INSTANTIATE_CONVERT(TD, bf16)   \
+  LOWRANK_INSTANTIATE_CONVERT(TD, f16)
+LOWRANK_INSTANTIATE_CONVERT_ALL(double)
+LOWRANK_INSTANTIATE_CONVERT_ALL(float)
+LOWRANK_INSTANTIATE_CONVERT_ALL(bf16)
+LOWRANK_INSTANTIATE_CONVERT_ALL(f16)
+#undef LOWRANK_INSTANTIATE_CONVERT_ALL
+#undef LOWRANK_INSTANTIATE_CONVERT
 
 #define LOWRANK_INSTANTIATE(TW, TF)                                                                       \
   template void rank_update<TW, TF>(MatrixView<TW>, MatrixView<const TF>, MatrixView<const TF>, double, \

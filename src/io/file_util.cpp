@@ -1,0 +1,126 @@
+#include "file_util.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include "lowrank/core/error.hpp"
+
+LOWRANK_BEGIN_NAMESPACE
+namespace io::detail {
+
+std::string last_error() { return std::strerror(errno); }
+
+Fd& Fd::operator=(Fd&& o) noexcept {
+  if (this != &o) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = o.release();
+  }
+  return *this;
+}
+
+Fd::~Fd() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void pread_all(int fd, std::span<std::byte> out, std::uint64_t offset, const std::string& what) {
+  std::size_t done = 0;
+  while (done < out.size()) {
+    const ssize_t got = ::pread(fd, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) lowrank::detail::fail("read", "{}: {}", what, last_error());
+    if (got == 0) lowrank::detail::fail("read", "{}: unexpected end of file (was it truncated while open?)", what);
+    done += static_cast<std::size_t>(got);
+  }
+}
+
+void pwrite_all(int fd, std::span<const std::byte> data, std::uint64_t offset, const std::string& what) {
+  std::size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t put = ::pwrite(fd, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
+    if (put < 0 && errno == EINTR) continue;
+    if (put < 0) lowrank::detail::fail("write", "{}: {}", what, last_error());
+    done += static_cast<std::size_t>(put);
+  }
+}
+
+void copy_range(int in, std::uint64_t in_offset, int out, std::uint64_t out_offset, std::uint64_t size,
+                const std::string& what) {
+  std::uint64_t done = 0;
+  while (done < size) {
+    auto io = static_cast<off_t>(in_offset + done), oo = static_cast<off_t>(out_offset + done);
+    const std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(size - done, 1u << 30));
+    const ssize_t n = ::copy_file_range(in, &io, out, &oo, chunk, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;  // not supported here (EXDEV, ENOSYS, EINVAL...) or EOF: fall back
+    done += static_cast<std::uint64_t>(n);
+  }
+  if (done == size) return;
+  std::vector<std::byte> buffer(static_cast<std::size_t>(std::min<std::uint64_t>(size - done, 8u << 20)));
+  while (done < size) {
+    const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(size - done, buffer.size()));
+    pread_all(in, {buffer.data(), n}, in_offset + done, what);
+    pwrite_all(out, {buffer.data(), n}, out_offset + done, what);
+    done += n;
+  }
+}
+
+TempFile::TempFile(const std::filesystem::path& target) : target_(target) {
+  std::filesystem::path folder = target.parent_path();
+  if (folder.empty()) folder = ".";
+  std::string pattern = (folder / ("." + target.filename().string() + ".lowrank-XXXXXX")).string();
+  const int fd = ::mkstemp(pattern.data());
+  if (fd < 0) {
+    lowrank::detail::fail("write", "cannot create a temporary file in {} for {}: {}", folder.string(),
+                          target.string(), last_error());
+  }
+  ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+  fd_ = Fd(fd);
+  temp_ = pattern;
+}
+
+TempFile::TempFile(TempFile&& o) noexcept
+    : target_(std::move(o.target_)), temp_(std::move(o.temp_)), fd_(std::move(o.fd_)), committed_(o.committed_) {
+  o.committed_ = true;  // the moved-from object owns nothing
+}
+
+TempFile& TempFile::operator=(TempFile&& o) noexcept {
+  if (this != &o) {
+    if (!committed_ && !temp_.empty()) ::unlink(temp_.c_str());
+    target_ = std::move(o.target_);
+    temp_ = std::move(o.temp_);
+    fd_ = std::move(o.fd_);
+    committed_ = o.committed_;
+    o.committed_ = true;
+  }
+  return *this;
+}
+
+TempFile::~TempFile() {
+  if (!committed_ && !temp_.empty()) ::unlink(temp_.c_str());
+}
+
+void TempFile::commit() {
+  const mode_t mask = ::umask(0);
+  ::umask(mask);
+  ::fchmod(fd_.get(), 0666 & ~mask);
+  if (::close(fd_.release()) != 0) lowrank::detail::fail("write", "{}: {}", temp_.string(), last_error());
+  if (::rename(temp_.c_str(), target_.c_str()) != 0) {
+    lowrank::detail::fail("write", "cannot rename {} to {}: {}", temp_.string(), target_.string(), last_error());
+  }
+  committed_ = true;
+}
+
+bool same_file(const std::filesystem::path& a, const std::filesystem::path& b) {
+  struct stat sa {}, sb {};
+  if (::stat(a.c_str(), &sa) != 0 || ::stat(b.c_str(), &sb) != 0) return false;
+  return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+}  // namespace io::detail
+LOWRANK_END_NAMESPACE

@@ -1,0 +1,70 @@
+// POSIX file helpers shared by the io component (not installed).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+
+#include "lowrank/core/config.hpp"
+
+LOWRANK_BEGIN_NAMESPACE
+namespace io::detail {
+
+/// `strerror(errno)` for the current errno.
+std::string last_error();
+
+/// A file descriptor closed on destruction.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) noexcept : fd_(fd) {}
+  Fd(Fd&& o) noexcept : fd_(o.release()) {}
+  Fd& operator=(Fd&& o) noexcept;
+  ~Fd();
+  [[nodiscard]] int get() const noexcept { return fd_; }
+  int release() noexcept {
+    const int f = fd_;
+    fd_ = -1;
+    return f;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+/// Reads exactly `out.size()` bytes at `offset`; throws Error (naming `what`) on failure or EOF.
+void pread_all(int fd, std::span<std::byte> out, std::uint64_t offset, const std::string& what);
+/// Writes exactly `data.size()` bytes at `offset`; throws Error (naming `what`) on failure.
+void pwrite_all(int fd, std::span<const std::byte> data, std::uint64_t offset, const std::string& what);
+/// Copies `size` bytes from `in` at `in_offset` to `out` at `out_offset`, in the kernel where it
+/// can (`copy_file_range`), else through a buffer.
+void copy_range(int in, std::uint64_t in_offset, int out, std::uint64_t out_offset, std::uint64_t size,
+                const std::string& what);
+
+/// A temporary file next to `target` (same folder, hidden name), removed on destruction unless
+/// `commit` renamed it over the target.
+class TempFile {
+ public:
+  explicit TempFile(const std::filesystem::path& target);
+  TempFile(TempFile&&) noexcept;
+  TempFile& operator=(TempFile&&) noexcept;
+  ~TempFile();
+  [[nodiscard]] int fd() const noexcept { return fd_.get(); }
+  [[nodiscard]] const std::filesystem::path& path() const noexcept { return temp_; }
+  [[nodiscard]] const std::filesystem::path& target() const noexcept { return target_; }
+  /// Sets the usual permissions (0666 & ~umask), closes, renames over the target.
+  void commit();
+
+ private:
+  std::filesystem::path target_, temp_;
+  Fd fd_;
+  bool committed_ = false;
+};
+
+/// True if `a` and `b` name the same existing file (same device and inode).
+bool same_file(const std::filesystem::path& a, const std::filesystem::path& b);
+
+}  // namespace io::detail
+LOWRANK_END_NAMESPACE

@@ -1,0 +1,437 @@
+#include "lowrank/io/merge.hpp"
+
+#include <stdlib.h>  // mkdtemp
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <unordered_map>
+
+#include "file_util.hpp"
+#include "lowrank/core/error.hpp"
+#include "lowrank/io/checkpoint.hpp"
+#include "lowrank/io/peft.hpp"
+#include "lowrank/kernels/convert.hpp"
+
+LOWRANK_BEGIN_NAMESPACE
+namespace io {
+
+using lowrank::detail::fail;
+namespace fs = std::filesystem;
+
+std::uint64_t stream_of(std::string_view name) noexcept {
+  std::uint64_t h = 0xcbf29ce484222325ull;
+  for (const char c : name) {
+    h ^= static_cast<unsigned char>(c);
+    h *= 0x100000001b3ull;
+  }
+  return h;
+}
+
+namespace {
+
+constexpr std::size_t kChunkBytes = 4u << 20;
+
+std::string shape_string(const std::vector<std::uint64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// A module's factors, loaded once, in the compute type of its tensor.
+struct Factors {
+  std::vector<double> a64, b64;
+  std::vector<float> a32, b32;
+};
+
+struct Plan {
+  const LoraModule* module = nullptr;
+  Layout layout = Layout::out_in;
+  Factors factors;
+};
+
+// Removes a folder tree on destruction unless released.
+struct FolderGuard {
+  fs::path path;
+  ~FolderGuard() {
+    if (!path.empty()) {
+      std::error_code ec;
+      fs::remove_all(path, ec);
+    }
+  }
+};
+
+bool inside(const fs::path& child, const fs::path& parent) {
+  std::error_code ec;
+  const fs::path c = fs::weakly_canonical(child, ec), p = fs::weakly_canonical(parent, ec);
+  auto ci = c.begin(), pi = p.begin();
+  for (; pi != p.end(); ++pi, ++ci) {
+    if (ci == c.end() || *ci != *pi) return false;
+  }
+  return true;
+}
+
+template <class T>
+bool finite_value(T x) {
+  return std::isfinite(static_cast<double>(x));
+}
+
+// Loads A (r x in) and B (out x r) of a module, checks them finite and the delta bounded.
+template <class C>
+void load_factors(const PeftAdapter& ad, const LoraModule& m, std::vector<C>& a, std::vector<C>& b) {
+  const auto& f = ad.file();
+  a.resize(static_cast<std::size_t>(m.A->numel()));
+  b.resize(static_cast<std::size_t>(m.B->numel()));
+  f.read_as<C>(*m.A, a);
+  f.read_as<C>(*m.B, b);
+  const auto r = static_cast<std::size_t>(m.rank), in = static_cast<std::size_t>(m.in), out = static_cast<std::size_t>(m.out);
+  std::vector<double> amax(r, 0.0);
+  for (std::size_t k = 0; k < r; ++k)
+    for (std::size_t j = 0; j < in; ++j) {
+      const C x = a[k * in + j];
+      if (!finite_value(x)) {
+        fail("merge", "{}: module {}: lora_A({}, {}) is {}; a non-finite delta is refused", ad.file().path().string(),
+             m.module, k, j, static_cast<double>(x));
+      }
+      amax[k] = std::max(amax[k], std::abs(static_cast<double>(x)));
+    }
+  double bound = 0;
+  for (std::size_t i = 0; i < out; ++i) {
+    double row = 0;
+    for (std::size_t k = 0; k < r; ++k) {
+      const C x = b[i * r + k];
+      if (!finite_value(x)) {
+        fail("merge", "{}: module {}: lora_B({}, {}) is {}; a non-finite delta is refused", ad.file().path().string(),
+             m.module, i, k, static_cast<double>(x));
+      }
+      row += std::abs(static_cast<double>(x)) * amax[k];
+    }
+    bound = std::max(bound, row);
+  }
+  bound *= std::abs(m.scale);
+  if (!(bound < 0.5 * static_cast<double>(std::numeric_limits<C>::max()))) {
+    fail("merge", "{}: module {}: |scale * B A| may reach {:.3g}, beyond the {} range; refusing a possibly non-finite delta",
+         ad.file().path().string(), m.module, bound, sizeof(C) == 8 ? "fp64" : "fp32");
+  }
+}
+
+template <class T>
+bool half_nonfinite(const T& x) {
+  if constexpr (std::is_same_v<T, bf16>) return (std::bit_cast<std::uint16_t>(x) & 0x7F80u) == 0x7F80u;
+  else if constexpr (std::is_same_v<T, f16>) return (std::bit_cast<std::uint16_t>(x) & 0x7C00u) == 0x7C00u;
+  else return !std::isfinite(x);
+}
+
+class Merger {
+ public:
+  Merger(const MergeOptions& o, MergeProgress& p) : options_(o), progress_(p) {}
+
+  // Streams tensor `t` of `file` into `w`, merging `plan` if given, converting to `out_dtype`.
+  void tensor(const SafetensorsFile& file, const TensorInfo& t, SafetensorsWriter& w, Dtype out_dtype, Plan* plan) {
+    if (plan == nullptr && out_dtype == t.dtype) {
+      w.copy_from(t.name, file, t);
+      advance(t.nbytes());
+      return;
+    }
+    dispatch_base(file, t, w, out_dtype, plan);
+  }
+
+ private:
+  void advance(std::uint64_t bytes) {
+    progress_.bytes_done += bytes;
+    if (options_.progress) options_.progress(progress_);
+  }
+
+  void dispatch_base(const SafetensorsFile& f, const TensorInfo& t, SafetensorsWriter& w, Dtype o, Plan* p) {
+    switch (t.dtype) {
+      case Dtype::F64: return dispatch_out<double>(f, t, w, o, p);
+      case Dtype::F32: return dispatch_out<float>(f, t, w, o, p);
+      case Dtype::BF16: return dispatch_out<bf16>(f, t, w, o, p);
+      case Dtype::F16: return dispatch_out<f16>(f, t, w, o, p);
+      default: fail("merge", "{}: tensor \"{}\" is {}; only floating-point tensors can be merged or converted",
+                    f.path().string(), t.name, to_string(t.dtype));
+    }
+  }
+  template <class TB>
+  void dispatch_out(const SafetensorsFile& f, const TensorInfo& t, SafetensorsWriter& w, Dtype o, Plan* p) {
+    switch (o) {
+      case Dtype::F64: return run<TB, double>(f, t, w, p);
+      case Dtype::F32: return run<TB, float>(f, t, w, p);
+      case Dtype::BF16: return run<TB, bf16>(f, t, w, p);
+      default: return run<TB, f16>(f, t, w, p);
+    }
+  }
+
+  template <class T>
+  static std::vector<T>& buffer(std::vector<T>& v, std::size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v;
+  }
+  template <class T>
+  std::vector<T>& buf(int which);
+
+  template <class TB, class TO>
+  void run(const SafetensorsFile& f, const TensorInfo& t, SafetensorsWriter& w, Plan* plan) {
+    using C = std::conditional_t<std::is_same_v<TB, double> || std::is_same_v<TO, double>, double, float>;
+    ConvertOptions co{options_.rounding, options_.seed, stream_of(t.name)};
+    const std::uint64_t numel = t.numel();
+    if (plan == nullptr) {  // convert only, flat
+      const std::uint64_t step = std::max<std::uint64_t>(1, kChunkBytes / sizeof(C));
+      auto& in = buffer(inbuf<TB>(), static_cast<std::size_t>(std::min(step, numel)));
+      auto& out = buffer(outbuf<TO>(), in.size());
+      for (std::uint64_t e0 = 0; e0 < numel; e0 += step) {
+        const auto n = static_cast<Index>(std::min(step, numel - e0));
+        f.read_bytes(t, e0 * sizeof(TB), std::as_writable_bytes(std::span(in.data(), static_cast<std::size_t>(n))));
+        co.index_col0 = e0;
+        co.index_cols = numel;
+        convert(MatrixView<const TB>(in.data(), 1, n, n, 1), MatrixView<TO>(out.data(), 1, n, n, 1), co);
+        w.write(t.name, std::as_bytes(std::span(out.data(), static_cast<std::size_t>(n))), e0 * sizeof(TO));
+        advance(static_cast<std::uint64_t>(n) * sizeof(TB));
+      }
+      return;
+    }
+
+    const LoraModule& m = *plan->module;
+    const auto rows = static_cast<Index>(t.shape[0]), cols = static_cast<Index>(t.shape[1]);
+    const auto r = static_cast<Index>(m.rank), in_dim = static_cast<Index>(m.in);
+    const bool transposed = plan->layout == Layout::in_out;  // stored rows are input features
+    const std::size_t row_bytes = static_cast<std::size_t>(cols) * std::max(sizeof(C), sizeof(TO));
+    const Index step = std::max<Index>(1, static_cast<Index>(kChunkBytes / std::max<std::size_t>(row_bytes, 1)));
+    const std::vector<C>& a = get_a<C>(plan->factors);  // r x in, row-major
+    const std::vector<C>& b = get_b<C>(plan->factors);  // out x r, row-major
+    RankUpdateOptions ro = co;
+    ro.index_cols = static_cast<std::uint64_t>(in_dim);
+    auto& out = buffer(outbuf<TO>(), static_cast<std::size_t>(std::min(step, rows) * cols));
+    for (Index i0 = 0; i0 < rows; i0 += step) {
+      const Index h = std::min(step, rows - i0);
+      const auto count = static_cast<std::size_t>(h * cols);
+      // The factors for stored rows [i0, i0 + h): U on the output side, V on the input side.
+      MatrixView<const C> U, V;
+      if (transposed) {  // stored (in, out): rows are inputs j = i0.., the out_in view is out x h
+        U = MatrixView<const C>(b.data(), static_cast<Index>(m.out), r, r, 1);
+        V = MatrixView<const C>(a.data() + i0, h, r, 1, in_dim);  // A^T rows i0..
+        ro.index_row0 = 0;
+        ro.index_col0 = static_cast<std::uint64_t>(i0);
+      } else {
+        U = MatrixView<const C>(b.data() + i0 * r, h, r, r, 1);
+        V = MatrixView<const C>(a.data(), in_dim, r, 1, in_dim);  // A^T
+        ro.index_row0 = static_cast<std::uint64_t>(i0);
+        ro.index_col0 = 0;
+      }
+      const std::uint64_t byte0 = static_cast<std::uint64_t>(i0 * cols);
+      if constexpr (std::is_same_v<TB, TO>) {
+        f.read_bytes(t, byte0 * sizeof(TB), std::as_writable_bytes(std::span(out.data(), count)));
+        const WeightView<TO> wv{row_major(out.data(), h, cols), plan->layout};
+        rank_update(wv, U, V, m.scale, ro);
+      } else {
+        auto& in = buffer(inbuf<TB>(), count);
+        auto& c = buffer(cbuf<C>(), count);
+        f.read_bytes(t, byte0 * sizeof(TB), std::as_writable_bytes(std::span(in.data(), count)));
+        convert(MatrixView<const TB>(row_major(in.data(), h, cols)), row_major(c.data(), h, cols));
+        const WeightView<C> cv{row_major(c.data(), h, cols), plan->layout};
+        rank_update(cv, U, V, m.scale, RankUpdateOptions{});
+        const WeightView<TO> ov{row_major(out.data(), h, cols), plan->layout};
+        convert(MatrixView<const C>(cv.as_out_in()), ov.as_out_in(), ro);
+      }
+      if constexpr (!std::is_same_v<TO, double>) {
+        for (std::size_t k = 0; k < count; ++k) {
+          if (half_nonfinite(out[k])) check_overflow<TB>(f, t, m, byte0 + k, cols);
+        }
+      }
+      w.write(t.name, std::as_bytes(std::span(out.data(), count)), byte0 * sizeof(TO));
+      advance(static_cast<std::uint64_t>(count) * sizeof(TB));
+    }
+  }
+
+  // A non-finite merged element: an error unless the base element was non-finite already.
+  template <class TB>
+  void check_overflow(const SafetensorsFile& f, const TensorInfo& t, const LoraModule& m, std::uint64_t k, Index cols) {
+    TB x;
+    f.read_bytes(t, k * sizeof(TB), std::as_writable_bytes(std::span(&x, 1)));
+    if (!finite_value(static_cast<double>(x))) return;
+    fail("merge", "{}: tensor \"{}\" (module {}): element ({}, {}) is {} and becomes non-finite after the merge "
+         "(the output dtype's range is exceeded); nothing was written", f.path().string(), t.name, m.module,
+         k / static_cast<std::uint64_t>(cols), k % static_cast<std::uint64_t>(cols), static_cast<double>(x));
+  }
+
+  template <class C>
+  static const std::vector<C>& get_a(const Factors& f) {
+    if constexpr (std::is_same_v<C, double>) return f.a64;
+    else return f.a32;
+  }
+  template <class C>
+  static const std::vector<C>& get_b(const Factors& f) {
+    if constexpr (std::is_same_v<C, double>) return f.b64;
+    else return f.b32;
+  }
+  template <class T>
+  std::vector<T>& inbuf() {
+    return std::get<std::vector<T>>(in_);
+  }
+  template <class T>
+  std::vector<T>& outbuf() {
+    return std::get<std::vector<T>>(out_);
+  }
+  template <class T>
+  std::vector<T>& cbuf() {
+    return std::get<std::vector<T>>(c_);
+  }
+
+  const MergeOptions& options_;
+  MergeProgress& progress_;
+  std::tuple<std::vector<double>, std::vector<float>, std::vector<bf16>, std::vector<f16>> in_, out_, c_;
+};
+
+}  // namespace
+
+MergeReport merge_adapter(const fs::path& base, const fs::path& adapter, const fs::path& out_arg,
+                          const MergeOptions& options) {
+  if (options.dtype && !is_float(*options.dtype)) {
+    fail("merge", "the output dtype must be F64, F32, BF16 or F16, not {}", to_string(*options.dtype));
+  }
+  const Checkpoint ck = Checkpoint::open(base);
+  const PeftAdapter ad = PeftAdapter::open(adapter);
+  const std::string adapter_file = ad.file().path().string();
+  if (const auto u = ad.config().unsupported(); !u.empty()) {
+    std::string list;
+    for (const auto& s : u) list += (list.empty() ? "" : "; ") + s;
+    fail("merge", "{}: the adapter uses features lowrank cannot merge yet: {}", (ad.folder() / "adapter_config.json").string(), list);
+  }
+
+  // The output must not overwrite or live inside an input.
+  fs::path out = out_arg;
+  if (!ck.is_folder() && fs::is_directory(out)) out /= base.filename();
+  for (const fs::path& input : {base, ad.folder()}) {
+    if (detail::same_file(out, input) || inside(out, input) || (fs::is_directory(input) && inside(out, input))) {
+      fail("merge", "the output {} is or is inside the input {}; choose another output", out.string(), input.string());
+    }
+  }
+  for (const auto& s : ck.shards()) {
+    if (detail::same_file(out, s.file.path())) fail("merge", "the output {} is an input file", out.string());
+  }
+
+  // Plan and validate every module before anything is written.
+  std::unordered_map<std::string, Plan> plans;
+  for (const auto& m : ad.modules()) {
+    const auto e = ck.find(m.base_tensor);
+    if (e.info == nullptr) {
+      fail("merge", "{}: module {}: the base checkpoint {} has no tensor \"{}\"", adapter_file, m.module, base.string(),
+           m.base_tensor);
+    }
+    const TensorInfo& t = *e.info;
+    const std::string where = (ck.is_folder() ? base / e.shard->file_name : base).string();
+    if (!is_float(t.dtype)) fail("merge", "{}: tensor \"{}\" is {}, not floating-point", where, t.name, to_string(t.dtype));
+    const Layout layout = ad.config().fan_in_fan_out ? Layout::in_out : Layout::out_in;
+    const std::vector<std::uint64_t> expected =
+        layout == Layout::out_in ? std::vector<std::uint64_t>{m.out, m.in} : std::vector<std::uint64_t>{m.in, m.out};
+    if (t.shape != expected) {
+      std::string hint;
+      if (t.shape.size() == 2 && t.shape[0] == expected[1] && t.shape[1] == expected[0]) {
+        hint = ad.config().fan_in_fan_out ? " (the weight is stored (out, in): is fan_in_fan_out wrong?)"
+                                          : " (the weight is stored (in, out), as GPT-2's Conv1D: set fan_in_fan_out)";
+      }
+      fail("merge", "{}: tensor \"{}\" has shape {}, but module {} (lora_A {}x{}, lora_B {}x{}{}) needs {}{}", where,
+           t.name, shape_string(t.shape), m.module, m.rank, m.in, m.out, m.rank,
+           layout == Layout::in_out ? ", fan_in_fan_out" : "", shape_string(expected), hint);
+    }
+    Plan p;
+    p.module = &m;
+    p.layout = layout;
+    const Dtype od = options.dtype.value_or(t.dtype);
+    if (t.dtype == Dtype::F64 || od == Dtype::F64) {
+      load_factors<double>(ad, m, p.factors.a64, p.factors.b64);
+    } else {
+      load_factors<float>(ad, m, p.factors.a32, p.factors.b32);
+    }
+    plans.emplace(t.name, std::move(p));
+  }
+
+  MergeReport report;
+  MergeProgress progress;
+  for (const auto& s : ck.shards()) {
+    progress.tensors_total += s.file.tensors().size();
+    for (const auto& t : s.file.tensors()) progress.bytes_total += t.nbytes();
+  }
+  Merger merger(options, progress);
+
+  auto write_shard = [&](const Checkpoint::Shard& s, const fs::path& target, std::uint64_t& bytes) {
+    std::vector<TensorSpec> specs;
+    for (const auto& t : s.file.tensors()) {
+      const Dtype od = is_float(t.dtype) ? options.dtype.value_or(t.dtype) : t.dtype;
+      specs.push_back({t.name, od, t.shape});
+    }
+    SafetensorsWriter w(target, std::move(specs), s.file.metadata(), TensorOrder::as_given);
+    for (const auto& t : s.file.tensors()) {
+      auto it = plans.find(t.name);
+      Plan* plan = it == plans.end() ? nullptr : &it->second;
+      merger.tensor(s.file, t, w, w.at(t.name).dtype, plan);
+      report.merged += plan != nullptr;
+      ++report.tensors;
+      ++progress.tensors_done;
+    }
+    for (const auto& t : w.tensors()) bytes += t.nbytes();
+    w.commit();
+    report.bytes_written += w.file_size();
+  };
+
+  if (!ck.is_folder()) {
+    std::uint64_t bytes = 0;
+    write_shard(ck.shards().front(), out, bytes);
+    report.files.push_back(out.filename().string());
+    return report;
+  }
+
+  // A folder: build it next to the target, rename at the end.
+  if (fs::exists(out) && !fs::is_directory(out)) fail("merge", "the output {} exists and is not a folder", out.string());
+  const bool replace = fs::exists(out) && !fs::is_empty(out);
+  if (replace && !options.overwrite) {
+    fail("merge", "the output folder {} exists and is not empty; remove it or allow overwriting (--force)", out.string());
+  }
+  fs::path parent = out.parent_path();
+  if (parent.empty()) parent = ".";
+  std::string pattern = (parent / ("." + out.filename().string() + ".lowrank-XXXXXX")).string();
+  if (::mkdtemp(pattern.data()) == nullptr) {
+    fail("merge", "cannot create a temporary folder in {}: {}", parent.string(), detail::last_error());
+  }
+  FolderGuard guard{pattern};
+  const fs::path temp = pattern;
+  std::uint64_t total = 0;
+  std::vector<std::pair<std::string, std::string>> weight_map;
+  for (const auto& s : ck.shards()) {
+    write_shard(s, temp / s.file_name, total);
+    report.files.push_back(s.file_name);
+    for (const auto& t : s.file.tensors()) weight_map.emplace_back(t.name, s.file_name);
+  }
+  if (ck.index_name()) {
+    write_index(temp / *ck.index_name(), ck.index_metadata_json(), total, weight_map);
+    report.files.push_back(*ck.index_name());
+  }
+  for (const auto& name : ck.other_files()) {
+    detail::Fd in(::open((base / name).c_str(), O_RDONLY | O_CLOEXEC));
+    if (in.get() < 0) fail("merge", "{}: cannot open: {}", (base / name).string(), detail::last_error());
+    detail::TempFile copy(temp / name);
+    detail::copy_range(in.get(), 0, copy.fd(), 0, fs::file_size(base / name), (base / name).string());
+    copy.commit();
+    report.files.push_back(name);
+  }
+  ::chmod(temp.c_str(), 0755);
+  if (replace) {
+    const fs::path old = temp.string() + ".old";
+    fs::rename(out, old);
+    fs::rename(temp, out);
+    fs::remove_all(old);
+  } else {
+    if (fs::exists(out)) fs::remove(out);  // an empty folder
+    fs::rename(temp, out);
+  }
+  guard.path.clear();
+  return report;
+}
+
+}  // namespace io
+LOWRANK_END_NAMESPACE
