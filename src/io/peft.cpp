@@ -211,11 +211,14 @@ std::vector<std::string> PeftConfig::unsupported() const {
   if (bias != "none") out.push_back(fmt::format("bias \"{}\" (trained base biases are not merged yet)", bias));
   if (!modules_to_save.empty()) out.emplace_back("modules_to_save (fully trained modules are not merged yet)");
   const auto extra = nlohmann::json::parse(extra_json);
-  for (const char* key : {"layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens"}) {
-    if (extra.contains(key) && !extra[key].is_null() && !(extra[key].is_array() && extra[key].empty()) &&
-        !(extra[key].is_object() && extra[key].empty())) {
-      out.push_back(fmt::format("{} (not supported yet)", key));
-    }
+  // Keys that change what the adapter computes (or how it merges), when set.
+  for (const char* key : {"use_qalora", "use_bdlora", "layer_replication", "target_parameters", "trainable_token_indices",
+                          "alora_invocation_tokens", "kasa_config", "monteclora_config", "arrow_config", "velora_config"}) {
+    if (!extra.contains(key)) continue;
+    const auto& v = extra[key];
+    const bool set = !(v.is_null() || (v.is_boolean() && !v.get<bool>()) || (v.is_array() && v.empty()) ||
+                       (v.is_object() && v.empty()));
+    if (set) out.push_back(fmt::format("{} = {} (not supported yet)", key, v.dump()));
   }
   return out;
 }
