@@ -173,7 +173,7 @@ int merge(const MergeArgs& args) {
   o.rounding = args.rounding == "stochastic" ? lowrank::Rounding::stochastic : lowrank::Rounding::nearest_even;
   o.seed = args.seed;
   o.overwrite = args.force;
-  if (args.threads > 0) lowrank::set_num_threads(args.threads);
+  o.threads = args.threads;
   const bool tty = ::isatty(STDERR_FILENO) != 0;
   auto last = std::chrono::steady_clock::now();
   int shown = -1;

@@ -258,7 +258,7 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
   // prefetch the same stretch of the next panel (one row further down: see Panels).
   const Index prefetch = nc < n ? c.row_stride : static_cast<Index>(1024 / sizeof(TW));
 
-  int threads = num_threads();
+  int threads = options.max_threads > 0 ? std::min(options.max_threads, num_threads()) : num_threads();
   if (static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(r) < 1 << 18) threads = 1;
   threads = static_cast<int>(std::max<Index>(1, std::min<Index>(threads, panels)));
   const RandomStream random(options.seed, options.stream);

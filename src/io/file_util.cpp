@@ -73,7 +73,9 @@ void copy_range(int in, std::uint64_t in_offset, int out, std::uint64_t out_offs
 TempFile::TempFile(const std::filesystem::path& target) : target_(target) {
   std::filesystem::path folder = target.parent_path();
   if (folder.empty()) folder = ".";
-  std::string pattern = (folder / ("." + target.filename().string() + ".lowrank-XXXXXX")).string();
+  std::string name(1, '.');  // (built piecewise: GCC 12 warns falsely on "." + string at -O3)
+  name.append(target.filename().string()).append(".lowrank-XXXXXX");
+  std::string pattern = (folder / name).string();
   const int fd = ::mkstemp(pattern.data());
   if (fd < 0) {
     lowrank::detail::fail("write", "cannot create a temporary file in {} for {}: {}", folder.string(),

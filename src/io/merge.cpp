@@ -9,11 +9,17 @@
 #include <bit>
 #include <cmath>
 #include <limits>
+#include <atomic>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <thread>
 #include <tuple>
 #include <unordered_map>
 
 #include "file_util.hpp"
 #include "lowrank/core/error.hpp"
+#include "lowrank/core/threading.hpp"
 #include "lowrank/io/checkpoint.hpp"
 #include "lowrank/io/peft.hpp"
 #include "lowrank/kernels/convert.hpp"
@@ -127,164 +133,223 @@ bool half_nonfinite(const T& x) {
   else return !std::isfinite(x);
 }
 
-class Merger {
- public:
-  Merger(const MergeOptions& o, MergeProgress& p) : options_(o), progress_(p) {}
+// Per-worker scratch buffers, one per storage type.
+struct Buffers {
+  std::tuple<std::vector<double>, std::vector<float>, std::vector<bf16>, std::vector<f16>> in, out, c;
+};
 
-  // Streams tensor `t` of `file` into `w`, merging `plan` if given, converting to `out_dtype`.
-  void tensor(const SafetensorsFile& file, const TensorInfo& t, SafetensorsWriter& w, Dtype out_dtype, Plan* plan) {
-    if (plan == nullptr && out_dtype == t.dtype) {
-      w.copy_from(t.name, file, t);
-      advance(t.nbytes());
-      return;
+template <class T>
+std::vector<T>& sized(std::vector<T>& v, std::size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v;
+}
+
+// One unit of work: a whole tensor copied in the kernel, or a block of a tensor (stored rows of a
+// merged weight, elements of a converted tensor) read, updated/converted and written.
+struct Task {
+  const TensorInfo* tensor = nullptr;
+  Plan* plan = nullptr;
+  Dtype out = Dtype::F32;
+  bool copy = false;
+  std::uint64_t first = 0, count = 0;  // rows (merged) or elements (converted)
+  std::uint64_t bytes = 0;             // input bytes, for progress
+  std::size_t tensor_index = 0;
+};
+
+// Streams one shard: tasks run on a pool of worker threads (each task single-threaded, so that
+// reading, computing and writing of different blocks overlap), results written with pwrite.
+class ShardMerger {
+ public:
+  ShardMerger(const SafetensorsFile& file, SafetensorsWriter& writer, const MergeOptions& options,
+              MergeProgress& progress, std::mutex& progress_mutex)
+      : file_(file), writer_(writer), options_(options), progress_(progress), progress_mutex_(progress_mutex) {}
+
+  void add(const TensorInfo& t, Dtype out, Plan* plan) {
+    const std::size_t index = remaining_.size();
+    std::size_t chunks = 0;
+    if (plan == nullptr && out == t.dtype) {
+      tasks_.push_back({&t, nullptr, out, true, 0, 0, t.nbytes(), index});
+      chunks = 1;
+    } else if (plan == nullptr) {
+      const std::uint64_t step = std::max<std::uint64_t>(1, kChunkBytes / 8);
+      for (std::uint64_t e = 0; e < t.numel() || (e == 0 && chunks == 0); e += step) {
+        const std::uint64_t n = std::min(step, t.numel() - e);
+        tasks_.push_back({&t, nullptr, out, false, e, n, n * dtype_size(t.dtype), index});
+        ++chunks;
+        if (n == 0) break;
+      }
+    } else {
+      const std::uint64_t rows = t.shape[0], cols = t.shape[1];
+      const std::uint64_t row_bytes = std::max<std::uint64_t>(1, cols * 8);
+      const std::uint64_t step = std::max<std::uint64_t>(1, kChunkBytes / row_bytes);
+      for (std::uint64_t r = 0; r < rows; r += step) {
+        const std::uint64_t h = std::min(step, rows - r);
+        tasks_.push_back({&t, plan, out, false, r, h, h * cols * dtype_size(t.dtype), index});
+        ++chunks;
+      }
+      if (rows == 0) {
+        tasks_.push_back({&t, plan, out, false, 0, 0, 0, index});
+        ++chunks;
+      }
     }
-    dispatch_base(file, t, w, out_dtype, plan);
+    remaining_.emplace_back(chunks);
+  }
+
+  void run(int workers) {
+    std::atomic<std::size_t> next{0};
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;
+    std::mutex error_mutex;
+    auto work = [&]() {
+      Buffers buffers;
+      while (!failed.load(std::memory_order_relaxed)) {
+        const std::size_t i = next.fetch_add(1);
+        if (i >= tasks_.size()) return;
+        try {
+          execute(tasks_[i], buffers);
+        } catch (...) {
+          const std::lock_guard lock(error_mutex);
+          if (!error) error = std::current_exception();
+          failed = true;
+          return;
+        }
+      }
+    };
+    workers = std::max(1, std::min<int>(workers, static_cast<int>(tasks_.size())));
+    std::vector<std::thread> pool;
+    for (int w = 1; w < workers; ++w) pool.emplace_back(work);
+    work();
+    for (auto& t : pool) t.join();
+    if (error) std::rethrow_exception(error);
   }
 
  private:
-  void advance(std::uint64_t bytes) {
-    progress_.bytes_done += bytes;
+  void execute(const Task& task, Buffers& b) {
+    const TensorInfo& t = *task.tensor;
+    if (task.copy) {
+      writer_.copy_from(t.name, file_, t);
+    } else {
+      switch (t.dtype) {
+        case Dtype::F64: by_out<double>(task, b); break;
+        case Dtype::F32: by_out<float>(task, b); break;
+        case Dtype::BF16: by_out<bf16>(task, b); break;
+        case Dtype::F16: by_out<f16>(task, b); break;
+        default:
+          fail("merge", "{}: tensor \"{}\" is {}; only floating-point tensors can be merged or converted",
+               file_.path().string(), t.name, to_string(t.dtype));
+      }
+    }
+    const bool last = remaining_[task.tensor_index].fetch_sub(1) == 1;
+    const std::lock_guard lock(progress_mutex_);
+    progress_.bytes_done += task.bytes;
+    if (last) ++progress_.tensors_done;
     if (options_.progress) options_.progress(progress_);
   }
 
-  void dispatch_base(const SafetensorsFile& f, const TensorInfo& t, SafetensorsWriter& w, Dtype o, Plan* p) {
-    switch (t.dtype) {
-      case Dtype::F64: return dispatch_out<double>(f, t, w, o, p);
-      case Dtype::F32: return dispatch_out<float>(f, t, w, o, p);
-      case Dtype::BF16: return dispatch_out<bf16>(f, t, w, o, p);
-      case Dtype::F16: return dispatch_out<f16>(f, t, w, o, p);
-      default: fail("merge", "{}: tensor \"{}\" is {}; only floating-point tensors can be merged or converted",
-                    f.path().string(), t.name, to_string(t.dtype));
-    }
-  }
   template <class TB>
-  void dispatch_out(const SafetensorsFile& f, const TensorInfo& t, SafetensorsWriter& w, Dtype o, Plan* p) {
-    switch (o) {
-      case Dtype::F64: return run<TB, double>(f, t, w, p);
-      case Dtype::F32: return run<TB, float>(f, t, w, p);
-      case Dtype::BF16: return run<TB, bf16>(f, t, w, p);
-      default: return run<TB, f16>(f, t, w, p);
+  void by_out(const Task& task, Buffers& b) {
+    switch (task.out) {
+      case Dtype::F64: return block<TB, double>(task, b);
+      case Dtype::F32: return block<TB, float>(task, b);
+      case Dtype::BF16: return block<TB, bf16>(task, b);
+      default: return block<TB, f16>(task, b);
     }
   }
-
-  template <class T>
-  static std::vector<T>& buffer(std::vector<T>& v, std::size_t n) {
-    if (v.size() < n) v.resize(n);
-    return v;
-  }
-  template <class T>
-  std::vector<T>& buf(int which);
 
   template <class TB, class TO>
-  void run(const SafetensorsFile& f, const TensorInfo& t, SafetensorsWriter& w, Plan* plan) {
+  void block(const Task& task, Buffers& bufs) {
     using C = std::conditional_t<std::is_same_v<TB, double> || std::is_same_v<TO, double>, double, float>;
+    const TensorInfo& t = *task.tensor;
     ConvertOptions co{options_.rounding, options_.seed, stream_of(t.name)};
-    const std::uint64_t numel = t.numel();
-    if (plan == nullptr) {  // convert only, flat
-      const std::uint64_t step = std::max<std::uint64_t>(1, kChunkBytes / sizeof(C));
-      auto& in = buffer(inbuf<TB>(), static_cast<std::size_t>(std::min(step, numel)));
-      auto& out = buffer(outbuf<TO>(), in.size());
-      for (std::uint64_t e0 = 0; e0 < numel; e0 += step) {
-        const auto n = static_cast<Index>(std::min(step, numel - e0));
-        f.read_bytes(t, e0 * sizeof(TB), std::as_writable_bytes(std::span(in.data(), static_cast<std::size_t>(n))));
-        co.index_col0 = e0;
-        co.index_cols = numel;
-        convert(MatrixView<const TB>(in.data(), 1, n, n, 1), MatrixView<TO>(out.data(), 1, n, n, 1), co);
-        w.write(t.name, std::as_bytes(std::span(out.data(), static_cast<std::size_t>(n))), e0 * sizeof(TO));
-        advance(static_cast<std::uint64_t>(n) * sizeof(TB));
-      }
+    co.max_threads = 1;
+    auto& in = std::get<std::vector<TB>>(bufs.in);
+    auto& out = std::get<std::vector<TO>>(bufs.out);
+    auto& cb = std::get<std::vector<C>>(bufs.c);
+    if (task.plan == nullptr) {  // convert only, as one flat row
+      const auto n = static_cast<Index>(task.count);
+      sized(in, task.count);
+      sized(out, task.count);
+      file_.read_bytes(t, task.first * sizeof(TB), std::as_writable_bytes(std::span(in.data(), task.count)));
+      co.index_col0 = task.first;
+      co.index_cols = std::max<std::uint64_t>(1, t.numel());
+      convert(MatrixView<const TB>(in.data(), 1, n, n, 1), MatrixView<TO>(out.data(), 1, n, n, 1), co);
+      writer_.write(t.name, std::as_bytes(std::span(out.data(), task.count)), task.first * sizeof(TO));
       return;
     }
-
-    const LoraModule& m = *plan->module;
-    const auto rows = static_cast<Index>(t.shape[0]), cols = static_cast<Index>(t.shape[1]);
+    const LoraModule& m = *task.plan->module;
+    const auto cols = static_cast<Index>(t.shape[1]);
+    const auto i0 = static_cast<Index>(task.first), h = static_cast<Index>(task.count);
     const auto r = static_cast<Index>(m.rank), in_dim = static_cast<Index>(m.in);
-    const bool transposed = plan->layout == Layout::in_out;  // stored rows are input features
-    const std::size_t row_bytes = static_cast<std::size_t>(cols) * std::max(sizeof(C), sizeof(TO));
-    const Index step = std::max<Index>(1, static_cast<Index>(kChunkBytes / std::max<std::size_t>(row_bytes, 1)));
-    const std::vector<C>& a = get_a<C>(plan->factors);  // r x in, row-major
-    const std::vector<C>& b = get_b<C>(plan->factors);  // out x r, row-major
+    const bool transposed = task.plan->layout == Layout::in_out;  // stored rows are input features
+    const std::vector<C>& a = factors_a<C>(task.plan->factors);   // r x in, row-major
+    const std::vector<C>& bm = factors_b<C>(task.plan->factors);  // out x r, row-major
     RankUpdateOptions ro = co;
     ro.index_cols = static_cast<std::uint64_t>(in_dim);
-    auto& out = buffer(outbuf<TO>(), static_cast<std::size_t>(std::min(step, rows) * cols));
-    for (Index i0 = 0; i0 < rows; i0 += step) {
-      const Index h = std::min(step, rows - i0);
-      const auto count = static_cast<std::size_t>(h * cols);
-      // The factors for stored rows [i0, i0 + h): U on the output side, V on the input side.
-      MatrixView<const C> U, V;
-      if (transposed) {  // stored (in, out): rows are inputs j = i0.., the out_in view is out x h
-        U = MatrixView<const C>(b.data(), static_cast<Index>(m.out), r, r, 1);
-        V = MatrixView<const C>(a.data() + i0, h, r, 1, in_dim);  // A^T rows i0..
-        ro.index_row0 = 0;
-        ro.index_col0 = static_cast<std::uint64_t>(i0);
-      } else {
-        U = MatrixView<const C>(b.data() + i0 * r, h, r, r, 1);
-        V = MatrixView<const C>(a.data(), in_dim, r, 1, in_dim);  // A^T
-        ro.index_row0 = static_cast<std::uint64_t>(i0);
-        ro.index_col0 = 0;
-      }
-      const std::uint64_t byte0 = static_cast<std::uint64_t>(i0 * cols);
-      if constexpr (std::is_same_v<TB, TO>) {
-        f.read_bytes(t, byte0 * sizeof(TB), std::as_writable_bytes(std::span(out.data(), count)));
-        const WeightView<TO> wv{row_major(out.data(), h, cols), plan->layout};
-        rank_update(wv, U, V, m.scale, ro);
-      } else {
-        auto& in = buffer(inbuf<TB>(), count);
-        auto& c = buffer(cbuf<C>(), count);
-        f.read_bytes(t, byte0 * sizeof(TB), std::as_writable_bytes(std::span(in.data(), count)));
-        convert(MatrixView<const TB>(row_major(in.data(), h, cols)), row_major(c.data(), h, cols));
-        const WeightView<C> cv{row_major(c.data(), h, cols), plan->layout};
-        rank_update(cv, U, V, m.scale, RankUpdateOptions{});
-        const WeightView<TO> ov{row_major(out.data(), h, cols), plan->layout};
-        convert(MatrixView<const C>(cv.as_out_in()), ov.as_out_in(), ro);
-      }
-      if constexpr (!std::is_same_v<TO, double>) {
-        for (std::size_t k = 0; k < count; ++k) {
-          if (half_nonfinite(out[k])) check_overflow<TB>(f, t, m, byte0 + k, cols);
-        }
-      }
-      w.write(t.name, std::as_bytes(std::span(out.data(), count)), byte0 * sizeof(TO));
-      advance(static_cast<std::uint64_t>(count) * sizeof(TB));
+    MatrixView<const C> U, V;  // U on the output side, V on the input side, for these stored rows
+    if (transposed) {
+      U = MatrixView<const C>(bm.data(), static_cast<Index>(m.out), r, r, 1);
+      V = MatrixView<const C>(a.data() + i0, h, r, 1, in_dim);  // rows i0.. of A^T
+      ro.index_col0 = static_cast<std::uint64_t>(i0);
+    } else {
+      U = MatrixView<const C>(bm.data() + i0 * r, h, r, r, 1);
+      V = MatrixView<const C>(a.data(), in_dim, r, 1, in_dim);  // A^T
+      ro.index_row0 = static_cast<std::uint64_t>(i0);
     }
+    const auto count = static_cast<std::size_t>(h * cols);
+    const std::uint64_t elem0 = static_cast<std::uint64_t>(i0 * cols);
+    sized(out, count);
+    if constexpr (std::is_same_v<TB, TO>) {
+      file_.read_bytes(t, elem0 * sizeof(TB), std::as_writable_bytes(std::span(out.data(), count)));
+      rank_update(WeightView<TO>{row_major(out.data(), h, cols), task.plan->layout}, U, V, m.scale, ro);
+    } else {
+      sized(in, count);
+      sized(cb, count);
+      file_.read_bytes(t, elem0 * sizeof(TB), std::as_writable_bytes(std::span(in.data(), count)));
+      convert(MatrixView<const TB>(row_major(in.data(), h, cols)), row_major(cb.data(), h, cols));
+      const WeightView<C> cv{row_major(cb.data(), h, cols), task.plan->layout};
+      RankUpdateOptions exact;
+      exact.max_threads = 1;
+      rank_update(cv, U, V, m.scale, exact);
+      const WeightView<TO> ov{row_major(out.data(), h, cols), task.plan->layout};
+      convert(MatrixView<const C>(cv.as_out_in()), ov.as_out_in(), ro);
+    }
+    if constexpr (!std::is_same_v<TO, double>) {
+      for (std::size_t k = 0; k < count; ++k) {
+        if (half_nonfinite(out[k])) check_overflow<TB>(t, m, elem0 + k, static_cast<std::uint64_t>(cols));
+      }
+    }
+    writer_.write(t.name, std::as_bytes(std::span(out.data(), count)), elem0 * sizeof(TO));
   }
 
   // A non-finite merged element: an error unless the base element was non-finite already.
   template <class TB>
-  void check_overflow(const SafetensorsFile& f, const TensorInfo& t, const LoraModule& m, std::uint64_t k, Index cols) {
+  void check_overflow(const TensorInfo& t, const LoraModule& m, std::uint64_t k, std::uint64_t cols) {
     TB x;
-    f.read_bytes(t, k * sizeof(TB), std::as_writable_bytes(std::span(&x, 1)));
+    file_.read_bytes(t, k * sizeof(TB), std::as_writable_bytes(std::span(&x, 1)));
     if (!finite_value(static_cast<double>(x))) return;
     fail("merge", "{}: tensor \"{}\" (module {}): element ({}, {}) is {} and becomes non-finite after the merge "
-         "(the output dtype's range is exceeded); nothing was written", f.path().string(), t.name, m.module,
-         k / static_cast<std::uint64_t>(cols), k % static_cast<std::uint64_t>(cols), static_cast<double>(x));
+         "(the output dtype's range is exceeded); nothing was written", file_.path().string(), t.name, m.module,
+         k / cols, k % cols, static_cast<double>(x));
   }
 
   template <class C>
-  static const std::vector<C>& get_a(const Factors& f) {
+  static const std::vector<C>& factors_a(const Factors& f) {
     if constexpr (std::is_same_v<C, double>) return f.a64;
     else return f.a32;
   }
   template <class C>
-  static const std::vector<C>& get_b(const Factors& f) {
+  static const std::vector<C>& factors_b(const Factors& f) {
     if constexpr (std::is_same_v<C, double>) return f.b64;
     else return f.b32;
   }
-  template <class T>
-  std::vector<T>& inbuf() {
-    return std::get<std::vector<T>>(in_);
-  }
-  template <class T>
-  std::vector<T>& outbuf() {
-    return std::get<std::vector<T>>(out_);
-  }
-  template <class T>
-  std::vector<T>& cbuf() {
-    return std::get<std::vector<T>>(c_);
-  }
 
+  const SafetensorsFile& file_;
+  SafetensorsWriter& writer_;
   const MergeOptions& options_;
   MergeProgress& progress_;
-  std::tuple<std::vector<double>, std::vector<float>, std::vector<bf16>, std::vector<f16>> in_, out_, c_;
+  std::mutex& progress_mutex_;
+  std::vector<Task> tasks_;
+  std::deque<std::atomic<std::size_t>> remaining_;  // chunks left per tensor
 };
 
 }  // namespace
@@ -357,7 +422,8 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter, const f
     progress.tensors_total += s.file.tensors().size();
     for (const auto& t : s.file.tensors()) progress.bytes_total += t.nbytes();
   }
-  Merger merger(options, progress);
+  std::mutex progress_mutex;
+  const int workers = std::max(1, options.threads > 0 ? options.threads : num_threads());
 
   auto write_shard = [&](const Checkpoint::Shard& s, const fs::path& target, std::uint64_t& bytes) {
     std::vector<TensorSpec> specs;
@@ -366,14 +432,15 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter, const f
       specs.push_back({t.name, od, t.shape});
     }
     SafetensorsWriter w(target, std::move(specs), s.file.metadata(), TensorOrder::as_given);
+    ShardMerger sm(s.file, w, options, progress, progress_mutex);
     for (const auto& t : s.file.tensors()) {
       auto it = plans.find(t.name);
       Plan* plan = it == plans.end() ? nullptr : &it->second;
-      merger.tensor(s.file, t, w, w.at(t.name).dtype, plan);
+      sm.add(t, w.at(t.name).dtype, plan);
       report.merged += plan != nullptr;
       ++report.tensors;
-      ++progress.tensors_done;
     }
+    sm.run(workers);
     for (const auto& t : w.tensors()) bytes += t.nbytes();
     w.commit();
     report.bytes_written += w.file_size();
@@ -394,7 +461,9 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter, const f
   }
   fs::path parent = out.parent_path();
   if (parent.empty()) parent = ".";
-  std::string pattern = (parent / ("." + out.filename().string() + ".lowrank-XXXXXX")).string();
+  std::string temp_name(1, '.');
+  temp_name.append(out.filename().string()).append(".lowrank-XXXXXX");
+  std::string pattern = (parent / temp_name).string();
   if (::mkdtemp(pattern.data()) == nullptr) {
     fail("merge", "cannot create a temporary folder in {}: {}", parent.string(), detail::last_error());
   }

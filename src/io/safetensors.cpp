@@ -9,6 +9,8 @@
 #include <array>
 #include <bit>
 #include <cstring>
+#include <limits>
+#include <mutex>
 #include <set>
 #include <unordered_map>
 
@@ -149,7 +151,8 @@ void SafetensorsFile::Impl::parse() {
       }
       continue;
     }
-    auto bad = [&](std::string_view what) { fail("safetensors", "{}: tensor \"{}\": {}", file, name, what); };
+    const std::string& tensor = name;  // a reference, not the binding: Clang < 16 cannot capture bindings
+    auto bad = [&](std::string_view what) { fail("safetensors", "{}: tensor \"{}\": {}", file, tensor, what); };
     if (!entry.is_object()) bad("the entry is not an object");
     if (entry.size() != 3 || !entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets")) {
       bad("the entry must have exactly \"dtype\", \"shape\" and \"data_offsets\"");
@@ -284,6 +287,12 @@ MatrixView<const T> SafetensorsFile::matrix(std::string_view name) const {
     fail("safetensors", "{}: tensor \"{}\" has shape {}; a matrix view needs 1 or 2 dimensions", file, name,
          shape_string(t.shape));
   }
+  for (auto d : t.shape) {  // possible only when another dimension is 0
+    if (d > static_cast<std::uint64_t>(std::numeric_limits<Index>::max())) {
+      fail("safetensors", "{}: tensor \"{}\" has shape {}; a matrix view's dimensions must fit in Index", file, name,
+           shape_string(t.shape));
+    }
+  }
   const std::byte* p = impl_->data() + t.begin;
   if (reinterpret_cast<std::uintptr_t>(p) % alignof(T) != 0) {
     fail("safetensors", "{}: tensor \"{}\" is not {}-byte aligned in this file; use read_as to copy it", file, name,
@@ -332,6 +341,7 @@ void SafetensorsFile::read_as(const TensorInfo& t, std::span<T> out, std::uint64
     fail("safetensors", "{}: tensor \"{}\": elements [{}, {}) are outside its {}", impl_->path.string(), t.name, first,
          first + out.size(), t.numel());
   }
+  if (out.empty()) return;  // out.data() may be null, which memcpy must not be given
   const std::size_t size = dtype_size(t.dtype);
   const std::byte* p = impl_->data() + t.begin + first * size;
   if (t.dtype == dtype_of<T>()) {
@@ -357,6 +367,7 @@ void SafetensorsFile::read_bytes(const TensorInfo& t, std::uint64_t offset, std:
     fail("safetensors", "{}: tensor \"{}\": bytes [{}, {}) are outside its {}", impl_->path.string(), t.name, offset,
          offset + out.size(), t.nbytes());
   }
+  if (out.empty()) return;  // out.data() may be null, which memcpy must not be given
   const std::uint64_t at = 8 + impl_->header + t.begin + offset;
   if (impl_->fd.get() < 0) {
     std::memcpy(out.data(), impl_->base + at, out.size());
@@ -391,6 +402,7 @@ struct SafetensorsWriter::Impl {
   std::vector<TensorInfo> tensors;
   std::unordered_map<std::string_view, std::size_t> by_name;
   std::vector<std::uint64_t> written;
+  std::mutex written_mutex;  // writes of distinct ranges may come from several threads
   std::uint64_t data_start = 0;
   std::uint64_t size = 0;
   bool committed = false;
@@ -485,6 +497,7 @@ void SafetensorsWriter::write(std::string_view name, std::span<const std::byte> 
          name, offset, offset + data.size(), t.nbytes());
   }
   detail::pwrite_all(impl_->temp.fd(), data, impl_->data_start + t.begin + offset, impl_->temp.path().string());
+  const std::lock_guard lock(impl_->written_mutex);
   impl_->written[i] += data.size();
 }
 
@@ -502,6 +515,7 @@ void SafetensorsWriter::copy_from(std::string_view name, const SafetensorsFile& 
   }
   detail::copy_range(file.fd(), 8 + file.header_size() + source.begin, impl_->temp.fd(), impl_->data_start + t.begin,
                      t.nbytes(), fmt::format("copying \"{}\" from {}", source.name, file.path().string()));
+  const std::lock_guard lock(impl_->written_mutex);
   impl_->written[i] += t.nbytes();
 }
 

@@ -31,7 +31,10 @@ struct MergeOptions {
   std::uint64_t seed = 0;
   /// Replace an existing output folder (an existing output file is always replaced atomically).
   bool overwrite = false;
-  /// Called after each chunk; may be empty.
+  /// Worker threads; 0 means `num_threads()`. Each works on its own blocks (read, update, write),
+  /// so that I/O and arithmetic overlap. The output does not depend on it.
+  int threads = 0;
+  /// Called after each block, from the worker threads, one call at a time; may be empty.
   std::function<void(const MergeProgress&)> progress;
 };
 

@@ -160,7 +160,8 @@ class SafetensorsWriter {
   /// The entries as they will be in the file (final offsets).
   [[nodiscard]] std::span<const TensorInfo> tensors() const noexcept;
   [[nodiscard]] const TensorInfo& at(std::string_view name) const;
-  /// Writes bytes `[offset, offset + data.size())` of tensor `name`.
+  /// Writes bytes `[offset, offset + data.size())` of tensor `name`. `write` and `copy_from` may be
+  /// called concurrently from several threads for disjoint ranges.
   void write(std::string_view name, std::span<const std::byte> data, std::uint64_t offset = 0);
   /// Writes a whole tensor from typed elements (the dtype must match).
   template <SupportedScalar T>

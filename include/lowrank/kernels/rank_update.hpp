@@ -35,6 +35,9 @@ struct RankUpdateOptions {
   std::uint64_t index_row0 = 0;
   std::uint64_t index_col0 = 0;
   std::uint64_t index_cols = 0;
+  /// Most threads this call may use; 0 means `num_threads()`. Callers that run several updates
+  /// concurrently on their own threads pass 1. Results do not depend on it.
+  int max_threads = 0;
 };
 
 /// Rank-r update in place: \f$ W \leftarrow W + \alpha\, U V^\top \f$, i.e.
