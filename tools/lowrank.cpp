@@ -242,7 +242,8 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    const int code = app.exit(e);  // prints help, the version, or the error and a hint
+    return code == 0 ? 0 : 2;
   }
   const char* command = ins->parsed() ? "inspect" : "merge";
   try {
