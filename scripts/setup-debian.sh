@@ -7,6 +7,7 @@ set -euo pipefail
 packages=(
   g++ cmake ninja-build pkg-config   # toolchain (CMake >= 3.25)
   libeigen3-dev libfmt-dev           # the library's dependencies
+  nlohmann-json3-dev libcli11-dev    # lowrank::io (JSON) and the lowrank tool (command line)
   libgtest-dev libgmock-dev          # tests
   libbenchmark-dev libopenblas-dev   # benchmarks and their OpenBLAS baseline
   python3                            # scripts/bench_ratios.py
