@@ -413,6 +413,8 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter, const f
     } else {
       load_factors<float>(ad, m, p.factors.a32, p.factors.b32);
     }
+    ad.file().release(*m.A);  // the copies are kept; the mapped pages need not stay resident
+    ad.file().release(*m.B);
     plans.emplace(t.name, std::move(p));
   }
 
