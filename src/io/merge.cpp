@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <atomic>
 #include <deque>
@@ -126,11 +127,27 @@ void load_factors(const PeftAdapter& ad, const LoraModule& m, std::vector<C>& a,
   }
 }
 
+// Whether x is infinite or NaN, from its exponent bits.
 template <class T>
-bool half_nonfinite(const T& x) {
-  if constexpr (std::is_same_v<T, bf16>) return (std::bit_cast<std::uint16_t>(x) & 0x7F80u) == 0x7F80u;
-  else if constexpr (std::is_same_v<T, f16>) return (std::bit_cast<std::uint16_t>(x) & 0x7C00u) == 0x7C00u;
-  else return !std::isfinite(x);
+bool nonfinite(const T& x) {
+  if constexpr (sizeof(T) == 2) {
+    constexpr std::uint16_t e = std::is_same_v<T, bf16> ? 0x7F80u : 0x7C00u;
+    std::uint16_t u;
+    std::memcpy(&u, &x, 2);
+    return (u & e) == e;
+  } else {
+    std::uint32_t u;
+    std::memcpy(&u, &x, 4);
+    return (u & 0x7F800000u) == 0x7F800000u;
+  }
+}
+
+// Whether any of p[0, n) is infinite or NaN: a branch-free reduction the compiler vectorizes.
+template <class T>
+bool any_nonfinite(const T* p, std::size_t n) {
+  unsigned any = 0;
+  for (std::size_t k = 0; k < n; ++k) any |= static_cast<unsigned>(nonfinite(p[k]));
+  return any != 0;
 }
 
 // Per-worker scratch buffers, one per storage type.
@@ -314,8 +331,10 @@ class ShardMerger {
       convert(MatrixView<const C>(cv.as_out_in()), ov.as_out_in(), ro);
     }
     if constexpr (!std::is_same_v<TO, double>) {
-      for (std::size_t k = 0; k < count; ++k) {
-        if (half_nonfinite(out[k])) check_overflow<TB>(t, m, elem0 + k, static_cast<std::uint64_t>(cols));
+      if (any_nonfinite(out.data(), count)) {
+        for (std::size_t k = 0; k < count; ++k) {
+          if (nonfinite(out[k])) check_overflow<TB>(t, m, elem0 + k, static_cast<std::uint64_t>(cols));
+        }
       }
     }
     writer_.write(t.name, std::as_bytes(std::span(out.data(), count)), elem0 * sizeof(TO));

@@ -22,9 +22,24 @@ namespace {
 
 constexpr std::string_view kPrefix = "base_model.model.";
 
+// libstdc++'s std::regex compiles and matches recursively, about one stack frame per pattern term
+// and per character of the string matched: a pattern of ~90,000 characters, or a module name of
+// ~26,000, overflows an 8 MiB stack (fewer under sanitizers or on smaller thread stacks). PEFT's
+// pattern keys and module names are far shorter; longer ones are refused before std::regex sees them.
+constexpr std::size_t kMaxRegexLength = 1024;
+
+void check_regex_length(std::string_view what, std::string_view text) {
+  if (text.size() > kMaxRegexLength) {
+    fail("peft", "{} \"{:.40}...\" has {} characters; at most {} are supported", what, text, text.size(),
+         kMaxRegexLength);
+  }
+}
+
 // PEFT (utils/other.py, get_pattern_key): the first key k of the pattern dict for which
 // re.match(rf"(.*\.)?({k})$", module) succeeds. re.match anchors at the start only; `$` ends it.
 bool pattern_matches(const std::string& key, std::string_view module) {
+  check_regex_length("pattern key", key);
+  check_regex_length("module name", module);
   try {
     const std::regex re("(.*\\.)?(" + key + ")$", std::regex::ECMAScript);
     return std::regex_search(module.begin(), module.end(), re, std::regex_constants::match_continuous);
@@ -89,6 +104,7 @@ PeftConfig PeftConfig::parse(std::string_view text, std::string_view source) {
       field = v.get<bool>();
     } else if (key == "target_modules") {
       if (v.is_string()) {
+        check_regex_length(fmt::format("{}: target_modules", source), v.get_ref<const std::string&>());
         c.target_modules_regex = v.get<std::string>();
       } else if (v.is_array()) {
         for (const auto& t : v) {
@@ -102,6 +118,7 @@ PeftConfig PeftConfig::parse(std::string_view text, std::string_view source) {
       if (v.is_null()) continue;
       if (!v.is_object()) bad(key, "must be an object");
       for (auto& [k, x] : v.items()) {
+        check_regex_length(fmt::format("{}: rank_pattern key", source), k);
         if (!x.is_number_integer() || x.get<std::int64_t>() < 1 || x.get<std::int64_t>() > (1 << 30)) {
           fail("peft", "{}: rank_pattern \"{}\" is {}, not a positive integer", source, k, x.dump());
         }
@@ -111,6 +128,7 @@ PeftConfig PeftConfig::parse(std::string_view text, std::string_view source) {
       if (v.is_null()) continue;
       if (!v.is_object()) bad(key, "must be an object");
       for (auto& [k, x] : v.items()) {
+        check_regex_length(fmt::format("{}: alpha_pattern key", source), k);
         if (!x.is_number() || !std::isfinite(x.get<double>())) {
           fail("peft", "{}: alpha_pattern \"{}\" is {}, not a finite number", source, k, x.dump());
         }
@@ -187,6 +205,8 @@ double PeftConfig::scale_for(std::string_view module) const {
 
 bool PeftConfig::targets(std::string_view module) const {
   if (target_modules_regex) {
+    check_regex_length("target_modules", *target_modules_regex);
+    check_regex_length("module name", module);
     try {
       return std::regex_match(module.begin(), module.end(), std::regex(*target_modules_regex));
     } catch (const std::regex_error&) {
