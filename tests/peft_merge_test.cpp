@@ -94,6 +94,27 @@ TEST(PeftConfig, BadValuesAndUnsupportedFeatures) {
   EXPECT_NE(u[2].find("bias"), std::string::npos);
 }
 
+TEST(PeftConfig, HostilePatternsAreFastOrRefused) {
+  // Catastrophic backtracking: exponential with a backtracking matcher, fast with lowrank's.
+  const auto c = PeftConfig::parse(R"({"r": 4, "rank_pattern": {"(.*)*x": 2, "(a|aa)*b": 3}, "target_modules": ".**\\.(q|v)_proj"})",
+                                   "evil.json");
+  const std::string name = "model.layers.10.self_attn.aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.q_proj";
+  EXPECT_EQ(c.rank_for(name), 4);
+  EXPECT_EQ(c.rank_for(name + "x"), 2);
+  EXPECT_TRUE(c.targets(name));
+  // Counted repetitions that overflow libstdc++'s compiler, or expand to huge automata.
+  LOWRANK_EXPECT_ERROR(PeftConfig::parse(R"({"rank_pattern": {"a{99999999999999999999}": 2}})", "c.json"),
+                       "rank_pattern key", "counted repetitions");
+  LOWRANK_EXPECT_ERROR(PeftConfig::parse(R"({"alpha_pattern": {"a{200}b{100}": 2}})", "c.json"), "alpha_pattern key");
+  EXPECT_EQ(PeftConfig::parse(R"({"rank_pattern": {"layers\\.\\d{1,2}\\.q": 2}})", "c.json").rank_for("layers.12.q"), 2);
+  // Lengths past what std::regex's recursive compiler and matcher handle on a thread's stack.
+  LOWRANK_EXPECT_ERROR(PeftConfig::parse(R"({"rank_pattern": {")" + std::string(2000, 'a') + R"(": 2}})", "c.json"),
+                       "2000 characters");
+  LOWRANK_EXPECT_ERROR((void)c.rank_for(std::string(5000, 'm')), "module name", "5000 characters");
+  // Back-references are not regular: compared literally, as a name.
+  EXPECT_EQ(PeftConfig::parse(R"({"r": 4, "rank_pattern": {"(a)\\1": 2}})", "c.json").rank_for("x.aa"), 4);
+}
+
 TEST(PeftConfig, RanksAndAlphasAgreeWithPeftOnTheFixture) {
   // generation_info.json records the r / alpha / scaling PEFT itself gave each module.
   const auto c = PeftConfig::load(data_path("peft/llama_rslora/adapter/adapter_config.json"));
@@ -331,7 +352,6 @@ TEST(Merge, DtypeConversionAndStochasticRounding) {
   const auto& m = mods[0];
   const auto a = read_tensor<bf16>(near, "m.big.weight"), b = read_tensor<bf16>(sr, "m.big.weight");
   // Nearest: the correctly rounded fp32 result (one rounding); stochastic: one of its two neighbours.
-  double bias_near = 0, bias_sr = 0;
   std::size_t differ = 0;
   for (std::uint64_t i = 0; i < m.out; i += 5)
     for (std::uint64_t j = 0; j < m.in; ++j) {
@@ -340,8 +360,6 @@ TEST(Merge, DtypeConversionAndStochasticRounding) {
       const double u = ulp_of(a[at]);
       ASSERT_LE(std::abs(to_double(a[at]) - ref), 0.5 * u * (1 + 1e-3) + 1e-6 * std::abs(ref)) << i << "," << j;
       ASSERT_LE(std::abs(to_double(b[at]) - ref), u * 1.01) << i << "," << j;
-      bias_near += to_double(a[at]) - ref;
-      bias_sr += to_double(b[at]) - ref;
       differ += std::bit_cast<std::uint16_t>(a[at]) != std::bit_cast<std::uint16_t>(b[at]);
     }
   EXPECT_GT(differ, 1000u) << "stochastic rounding differs from nearest on a good share of elements";

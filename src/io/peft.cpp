@@ -1,6 +1,7 @@
 #include "lowrank/io/peft.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <fstream>
 #include <regex>
@@ -28,20 +29,50 @@ constexpr std::string_view kPrefix = "base_model.model.";
 // pattern keys and module names are far shorter; longer ones are refused before std::regex sees them.
 constexpr std::size_t kMaxRegexLength = 1024;
 
-void check_regex_length(std::string_view what, std::string_view text) {
+// Counted repetitions ({n}, {m,n}) are expanded into states by libstdc++'s compiler, and counts
+// near INT_MAX overflow inside it (GCC PR 106607): their sum is limited.
+constexpr long kMaxRepetitions = 256;
+
+void check_regex(std::string_view what, std::string_view text) {
   if (text.size() > kMaxRegexLength) {
     fail("peft", "{} \"{:.40}...\" has {} characters; at most {} are supported", what, text, text.size(),
          kMaxRegexLength);
   }
+  long counted = 0;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    if (!std::isdigit(static_cast<unsigned char>(text[i]))) continue;
+    std::size_t j = i;
+    while (j < text.size() && std::isdigit(static_cast<unsigned char>(text[j]))) ++j;
+    const char before = i > 0 ? text[i - 1] : ' ';
+    if (before == '{' || before == ',') {  // a repetition count (a literal "{12" or ",12" counts too)
+      counted += j - i > 6 ? kMaxRepetitions + 1 : std::stol(std::string(text.substr(i, j - i)));
+      if (counted > kMaxRepetitions) {
+        fail("peft", "{} \"{:.40}\": counted repetitions add up to more than {}; not supported", what, text,
+             kMaxRepetitions);
+      }
+    }
+    i = j;
+  }
+}
+
+// The pattern compiled as ECMAScript; with libstdc++, with its polynomial-time (breadth-first)
+// matcher, so that patterns such as "(.*)*x" cannot take exponential time. That matcher has no
+// back-references (regex_error, which the callers treat as "not a regular expression").
+std::regex compile(const std::string& pattern) {
+#if defined(__GLIBCXX__)
+  return std::regex(pattern, std::regex::ECMAScript | std::regex_constants::__polynomial);
+#else
+  return std::regex(pattern, std::regex::ECMAScript);
+#endif
 }
 
 // PEFT (utils/other.py, get_pattern_key): the first key k of the pattern dict for which
 // re.match(rf"(.*\.)?({k})$", module) succeeds. re.match anchors at the start only; `$` ends it.
 bool pattern_matches(const std::string& key, std::string_view module) {
-  check_regex_length("pattern key", key);
-  check_regex_length("module name", module);
+  check_regex("pattern key", key);
+  check_regex("module name", module);
   try {
-    const std::regex re("(.*\\.)?(" + key + ")$", std::regex::ECMAScript);
+    const std::regex re = compile("(.*\\.)?(" + key + ")$");
     return std::regex_search(module.begin(), module.end(), re, std::regex_constants::match_continuous);
   } catch (const std::regex_error&) {
     return key == module;
@@ -104,7 +135,7 @@ PeftConfig PeftConfig::parse(std::string_view text, std::string_view source) {
       field = v.get<bool>();
     } else if (key == "target_modules") {
       if (v.is_string()) {
-        check_regex_length(fmt::format("{}: target_modules", source), v.get_ref<const std::string&>());
+        check_regex(fmt::format("{}: target_modules", source), v.get_ref<const std::string&>());
         c.target_modules_regex = v.get<std::string>();
       } else if (v.is_array()) {
         for (const auto& t : v) {
@@ -118,7 +149,7 @@ PeftConfig PeftConfig::parse(std::string_view text, std::string_view source) {
       if (v.is_null()) continue;
       if (!v.is_object()) bad(key, "must be an object");
       for (auto& [k, x] : v.items()) {
-        check_regex_length(fmt::format("{}: rank_pattern key", source), k);
+        check_regex(fmt::format("{}: rank_pattern key", source), k);
         if (!x.is_number_integer() || x.get<std::int64_t>() < 1 || x.get<std::int64_t>() > (1 << 30)) {
           fail("peft", "{}: rank_pattern \"{}\" is {}, not a positive integer", source, k, x.dump());
         }
@@ -128,7 +159,7 @@ PeftConfig PeftConfig::parse(std::string_view text, std::string_view source) {
       if (v.is_null()) continue;
       if (!v.is_object()) bad(key, "must be an object");
       for (auto& [k, x] : v.items()) {
-        check_regex_length(fmt::format("{}: alpha_pattern key", source), k);
+        check_regex(fmt::format("{}: alpha_pattern key", source), k);
         if (!x.is_number() || !std::isfinite(x.get<double>())) {
           fail("peft", "{}: alpha_pattern \"{}\" is {}, not a finite number", source, k, x.dump());
         }
@@ -205,10 +236,10 @@ double PeftConfig::scale_for(std::string_view module) const {
 
 bool PeftConfig::targets(std::string_view module) const {
   if (target_modules_regex) {
-    check_regex_length("target_modules", *target_modules_regex);
-    check_regex_length("module name", module);
+    check_regex("target_modules", *target_modules_regex);
+    check_regex("module name", module);
     try {
-      return std::regex_match(module.begin(), module.end(), std::regex(*target_modules_regex));
+      return std::regex_match(module.begin(), module.end(), compile(*target_modules_regex));
     } catch (const std::regex_error&) {
       return false;
     }

@@ -177,11 +177,15 @@ void SafetensorsFile::Impl::parse() {
     t.begin = off[0].get<std::uint64_t>();
     t.end = off[1].get<std::uint64_t>();
     if (t.end < t.begin) bad(fmt::format("data_offsets [{}, {}] end before they begin", t.begin, t.end));
-    std::uint64_t bytes = dtype_size(t.dtype);
+    // The element count first, then the bytes (as the safetensors library checks).
+    std::uint64_t numel = 1, bytes = 0;
     for (auto d : t.shape) {
-      if (__builtin_mul_overflow(bytes, d, &bytes)) {
-        bad(fmt::format("shape {} of {} overflows 64-bit byte counts", shape_string(t.shape), to_string(t.dtype)));
+      if (__builtin_mul_overflow(numel, d, &numel)) {
+        bad(fmt::format("shape {} overflows 64-bit element counts", shape_string(t.shape)));
       }
+    }
+    if (__builtin_mul_overflow(numel, dtype_size(t.dtype), &bytes)) {
+      bad(fmt::format("shape {} of {} overflows 64-bit byte counts", shape_string(t.shape), to_string(t.dtype)));
     }
     if (bytes != t.end - t.begin) {
       bad(fmt::format("data_offsets [{}, {}] hold {} bytes, but {} {} needs {}", t.begin, t.end, t.end - t.begin,

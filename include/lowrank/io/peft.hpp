@@ -51,14 +51,18 @@ struct PeftConfig {
   /// The config as PEFT writes it (indent 2, sorted keys, `peft_type` "LORA", `inference_mode` true).
   [[nodiscard]] std::string to_json() const;
 
-  /// The key of `rank_pattern` / `alpha_pattern` that applies to `module` (as PEFT matches it:
-  /// the first key `k`, in file order, for which the regular expression `(.*\.)?k$` matches
-  /// `module` from its start), or nullopt.
+  /// The rank for `module`: from the first key `k` of `rank_pattern`, in file order, for which the
+  /// regular expression `(.*\.)?(k)$` matches `module` from its start (PEFT's rule), else `r`.
+  /// Patterns are ECMAScript regular expressions, matched in polynomial time (no back-references:
+  /// such a key is compared literally). \throws Error if a key or `module` is longer than 1024
+  /// characters or a key's counted repetitions (`{n}`) add up to more than 256 (they would exhaust
+  /// the regex engine's stack or memory); `parse` refuses such keys up front.
   [[nodiscard]] int rank_for(std::string_view module) const;
+  /// The alpha for `module`, from `alpha_pattern` by the same rule, else `lora_alpha`.
   [[nodiscard]] double alpha_for(std::string_view module) const;
   /// `alpha_for(module) / r` or, with rsLoRA, `/ sqrt(r)`, for the module's rank `r`.
   [[nodiscard]] double scale_for(std::string_view module) const;
-  /// Whether `module` is targeted by `target_modules`.
+  /// Whether `module` is targeted by `target_modules` (same limits as `rank_for`).
   [[nodiscard]] bool targets(std::string_view module) const;
   /// Features of this config that lowrank cannot merge yet (DoRA, trained biases, modules_to_save,
   /// non-LoRA types, ...), each as a short sentence. Empty if the adapter is a plain LoRA.
