@@ -9,8 +9,11 @@ cd "$(dirname "$0")/.."
 work=${1:-/tmp/lowrank-merge-bench}
 reps=${2:-7}
 shift $(( $# > 2 ? 2 : $# )) || true
-scripts/setup-debian.sh
-cmake --preset release >/dev/null
+# LOWRANK_SKIP_SETUP=1 skips the Debian set-up (machines where packages cannot be installed);
+# LOWRANK_CMAKE_ARGS adds configure arguments (e.g. -DCMAKE_PREFIX_PATH=... for the dependencies).
+[[ ${LOWRANK_SKIP_SETUP:-0} == 1 ]] || scripts/setup-debian.sh
+# shellcheck disable=SC2086
+cmake --preset release ${LOWRANK_CMAKE_ARGS:-} >/dev/null
 cmake --build build/release --target lowrank_tool lowrank_make_checkpoint >/dev/null
 tool=build/release/tools/lowrank
 mkdir -p "$work"
@@ -21,10 +24,12 @@ cat "$work"/base/* "$work"/adapter/* >/dev/null  # warm the page cache
 now() { date +%s.%N; }
 cp_times=() merge_times=() rss=0
 for ((i = 0; i < reps; i++)); do
-  rm -rf "$work/cp_out" "$work/merge_out"
-  sync
-  # Alternate the order so that neither always runs right after the other's page-cache churn.
+  # Alternate the order; flush dirty pages before each command, so that neither pays for the
+  # write-back of the other's output.
   for what in $([[ $((i % 2)) -eq 0 ]] && echo "cp merge" || echo "merge cp"); do
+    rm -rf "$work/cp_out" "$work/merge_out"
+    sync
+    sleep 2  # (shorter pauses left bimodal times here: page reclaim after deleting 1 GiB)
     if [[ $what == cp ]]; then
       t0=$(now); cp -r "$work/base" "$work/cp_out"; t1=$(now)
       cp_times+=("$(awk "BEGIN {print $t1 - $t0}")")
@@ -41,7 +46,7 @@ size=$(du -sb "$work/base" | cut -f1)
 largest=$("$tool" inspect --json "$work/base" | sed -n 's/.*"bytes": \([0-9]*\).*/\1/p' | sort -n | tail -1)
 mc=$(median "${cp_times[@]}")
 mm=$(median "${merge_times[@]}")
-echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $(date -u +%F)"
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $(date -u '+%F %H:%M UTC'); merge options: ${*:-none}"
 echo "checkpoint: $size bytes; largest tensor $largest bytes"
 echo "cp -r   median $mc s  (all: ${cp_times[*]})"
 echo "merge   median $mm s  (all: ${merge_times[*]})"
