@@ -23,25 +23,7 @@ targets=(safetensors peft_config)
 declare -A max_len=([safetensors]=32768 [peft_config]=8192)
 
 # ---- dependencies: Debian packages, installed only if missing ----------------------------------
-bash "$root/scripts/setup-debian.sh"
-packages=(clang-14 libclang-rt-14-dev)
-missing=()
-for p in "${packages[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-    missing+=("$p")
-  fi
-done
-if ((${#missing[@]} > 0)); then
-  echo "run-fuzz: installing ${missing[*]}"
-  sudo=()
-  if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null || { echo "run-fuzz: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
-    sudo=(sudo)
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  "${sudo[@]}" apt-get update -qq
-  "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+bash "$root/scripts/setup-debian.sh" clang-14 libclang-rt-14-dev
 
 # clang-14 provides clang++-14; plain clang++ exists only with the `clang` package. Prefer the
 # version whose runtime (libclang-rt-14-dev) was just checked.

@@ -2,6 +2,7 @@
 # Installs what lowrank needs to build, test and benchmark on Debian 12 (or a close relative), from
 # Debian's packages only; installs nothing that is already there. Run as root, or with sudo.
 #   scripts/setup-debian.sh            build + tests + examples + benchmarks
+#   scripts/setup-debian.sh PKG...     the same plus these packages (e.g. the fuzzers' clang)
 set -euo pipefail
 
 packages=(
@@ -11,6 +12,7 @@ packages=(
   libgtest-dev libgmock-dev          # tests
   libbenchmark-dev libopenblas-dev   # benchmarks and their OpenBLAS baseline
   python3                            # scripts/bench_ratios.py
+  "$@"
 )
 
 missing=()

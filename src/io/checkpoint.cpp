@@ -1,10 +1,8 @@
 #include "lowrank/io/checkpoint.hpp"
 
 #include <algorithm>
-#include <fstream>
 #include <map>
 #include <set>
-#include <sstream>
 #include <unordered_map>
 
 #include <nlohmann/json.hpp>
@@ -22,18 +20,6 @@ namespace {
 
 bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
-}
-
-std::string read_text(const fs::path& file, std::uint64_t limit) {
-  std::error_code ec;
-  const auto size = fs::file_size(file, ec);
-  if (ec) fail("checkpoint", "{}: cannot read: {}", file.string(), ec.message());
-  if (size > limit) fail("checkpoint", "{}: {} bytes, more than the {} allowed for this file", file.string(), size, limit);
-  std::ifstream in(file, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  if (!in && !in.eof()) fail("checkpoint", "{}: cannot read", file.string());
-  return s.str();
 }
 
 // A shard name from an index must be a plain file name in the same folder.
@@ -82,7 +68,7 @@ Checkpoint Checkpoint::open(const fs::path& path) {
     c.index_name_ = indexes[0];
     nlohmann::json doc;
     try {
-      doc = nlohmann::json::parse(read_text(index, 256u << 20));
+      doc = nlohmann::json::parse(detail::read_small_file(index, 256u << 20, "checkpoint"));
     } catch (const nlohmann::json::exception& e) {
       fail("checkpoint", "{}: not valid JSON ({})", index.string(), e.what());
     }

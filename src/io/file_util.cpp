@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <vector>
 
 #include "lowrank/core/error.hpp"
@@ -116,6 +118,18 @@ void TempFile::commit() {
     lowrank::detail::fail("write", "cannot rename {} to {}: {}", temp_.string(), target_.string(), last_error());
   }
   committed_ = true;
+}
+
+std::string read_small_file(const std::filesystem::path& file, std::uint64_t limit, const char* fn) {
+  std::error_code ec;
+  const auto size = std::filesystem::file_size(file, ec);
+  if (ec) lowrank::detail::fail(fn, "{}: cannot read: {}", file.string(), ec.message());
+  if (size > limit) lowrank::detail::fail(fn, "{}: {} bytes, more than the {} allowed for this file", file.string(), size, limit);
+  std::ifstream in(file, std::ios::binary);
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (!in && !in.eof()) lowrank::detail::fail(fn, "{}: cannot read", file.string());
+  return text.str();
 }
 
 bool same_file(const std::filesystem::path& a, const std::filesystem::path& b) {

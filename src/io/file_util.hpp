@@ -63,6 +63,10 @@ class TempFile {
   bool committed_ = false;
 };
 
+/// The whole of a small text file (a JSON config or index); throws Error, naming `fn` and the
+/// file, if it cannot be read or has more than `limit` bytes.
+std::string read_small_file(const std::filesystem::path& file, std::uint64_t limit, const char* fn);
+
 /// True if `a` and `b` name the same existing file (same device and inode).
 bool same_file(const std::filesystem::path& a, const std::filesystem::path& b);
 

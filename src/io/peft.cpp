@@ -3,9 +3,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
-#include <fstream>
 #include <regex>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -85,17 +83,6 @@ const std::pair<std::string, V>* find_pattern(const std::vector<std::pair<std::s
   for (const auto& p : patterns)
     if (pattern_matches(p.first, module)) return &p;
   return nullptr;
-}
-
-std::string read_file(const fs::path& file, std::uint64_t limit) {
-  std::error_code ec;
-  const auto size = fs::file_size(file, ec);
-  if (ec) fail("peft", "{}: cannot read: {}", file.string(), ec.message());
-  if (size > limit) fail("peft", "{}: {} bytes, more than the {} allowed", file.string(), size, limit);
-  std::ifstream in(file, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
 }
 
 }  // namespace
@@ -186,7 +173,7 @@ PeftConfig PeftConfig::parse(std::string_view text, std::string_view source) {
 }
 
 PeftConfig PeftConfig::load(const fs::path& file) {
-  return parse(read_file(file, 64u << 20), file.string());
+  return parse(detail::read_small_file(file, 64u << 20, "peft"), file.string());
 }
 
 std::string PeftConfig::to_json() const {
