@@ -391,7 +391,7 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter, const f
   fs::path out = out_arg;
   if (!ck.is_folder() && fs::is_directory(out)) out /= base.filename();
   for (const fs::path& input : {base, ad.folder()}) {
-    if (detail::same_file(out, input) || inside(out, input) || (fs::is_directory(input) && inside(out, input))) {
+    if (detail::same_file(out, input) || inside(out, input)) {
       fail("merge", "the output {} is or is inside the input {}; choose another output", out.string(), input.string());
     }
   }
@@ -510,14 +510,19 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter, const f
     report.files.push_back(name);
   }
   ::chmod(temp.c_str(), 0755);
+  std::error_code ec;
+  auto move = [&](const fs::path& from, const fs::path& to) {
+    fs::rename(from, to, ec);
+    if (ec) fail("merge", "cannot rename {} to {}: {}", from.string(), to.string(), ec.message());
+  };
   if (replace) {
     const fs::path old = temp.string() + ".old";
-    fs::rename(out, old);
-    fs::rename(temp, out);
-    fs::remove_all(old);
+    move(out, old);
+    move(temp, out);
+    fs::remove_all(old, ec);
   } else {
-    if (fs::exists(out)) fs::remove(out);  // an empty folder
-    fs::rename(temp, out);
+    if (fs::exists(out)) fs::remove(out, ec);  // an empty folder
+    move(temp, out);
   }
   guard.path.clear();
   return report;
