@@ -518,7 +518,12 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter, const f
   if (replace) {
     const fs::path old = temp.string() + ".old";
     move(out, old);
-    move(temp, out);
+    fs::rename(temp, out, ec);
+    if (ec) {
+      const std::string why = ec.message();
+      fs::rename(old, out, ec);  // put the caller's folder back
+      fail("merge", "cannot rename {} to {}: {}", temp.string(), out.string(), why);
+    }
     fs::remove_all(old, ec);
   } else {
     if (fs::exists(out)) fs::remove(out, ec);  // an empty folder
