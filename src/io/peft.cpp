@@ -1,5 +1,11 @@
 #include "lowrank/io/peft.hpp"
 
+// GCC 12 reports -Wmaybe-uninitialized inside libstdc++'s <regex> (a std::function member of a
+// temporary NFA state) when optimising with sanitizers: a false positive in the library's code.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #include <algorithm>
 #include <cctype>
 #include <cmath>
