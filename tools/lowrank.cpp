@@ -42,12 +42,6 @@ std::string human_bytes(double b) {
   return u == 0 ? fmt::format("{:.0f} {}", b, units[u]) : fmt::format("{:.2f} {}", b, units[u]);
 }
 
-std::string shape_string(const std::vector<std::uint64_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 // Peak resident set size of this process (VmHWM), in bytes; 0 if unknown.
 std::uint64_t peak_rss() {
   std::ifstream in("/proc/self/status");
@@ -76,7 +70,7 @@ void print_tensors(const io::SafetensorsFile& f) {
   std::size_t width = 4;
   for (const auto& t : f.tensors()) width = std::max(width, t.name.size());
   for (const auto& t : f.tensors()) {
-    fmt::print("  {:<{}}  {:<5} {:<16} {:>10}\n", t.name, width, io::to_string(t.dtype), shape_string(t.shape),
+    fmt::print("  {:<{}}  {:<5} {:<16} {:>10}\n", t.name, width, io::to_string(t.dtype), io::shape_string(t.shape),
                human_bytes(static_cast<double>(t.nbytes())));
   }
   if (!f.metadata().empty()) {

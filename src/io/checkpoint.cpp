@@ -18,10 +18,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-bool ends_with(std::string_view s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
-}
-
 // A shard name from an index must be a plain file name in the same folder.
 bool plain_file_name(const std::string& name) {
   return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
@@ -47,9 +43,9 @@ Checkpoint Checkpoint::open(const fs::path& path) {
   for (const auto& e : fs::directory_iterator(path)) {
     if (!e.is_regular_file()) continue;
     const std::string name = e.path().filename().string();
-    if (ends_with(name, ".safetensors.index.json")) {
+    if (name.ends_with(".safetensors.index.json")) {
       indexes.push_back(name);
-    } else if (ends_with(name, ".safetensors")) {
+    } else if (name.ends_with(".safetensors")) {
       files.push_back(name);
     } else {
       others.push_back(name);

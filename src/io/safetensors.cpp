@@ -50,18 +50,18 @@ constexpr std::array<DtypeEntry, 15> kDtypes{{
 
 constexpr std::uint64_t kMaxHeader = 100'000'000;  // the safetensors library's MAX_HEADER_SIZE
 
-std::string shape_string(const std::vector<std::uint64_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 // Thrown from the JSON callback to abort parsing with a message.
 struct HeaderProblem {
   std::string message;
 };
 
 }  // namespace
+
+std::string shape_string(std::span<const std::uint64_t> shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
 
 std::string_view to_string(Dtype dtype) noexcept { return kDtypes[static_cast<std::size_t>(dtype)].name; }
 

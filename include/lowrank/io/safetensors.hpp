@@ -39,6 +39,8 @@ enum class Dtype : std::uint8_t { BOOL, U8, I8, I16, U16, I32, U32, I64, U64, F1
 [[nodiscard]] std::size_t dtype_size(Dtype dtype) noexcept;
 /// F64, F32, BF16, F16 (the storage types lowrank computes on).
 [[nodiscard]] bool is_float(Dtype dtype) noexcept;
+/// A shape as `[2, 3]`, as in lowrank's messages.
+[[nodiscard]] std::string shape_string(std::span<const std::uint64_t> shape);
 /// The Dtype of a storage type.
 template <SupportedScalar T>
 [[nodiscard]] constexpr Dtype dtype_of() noexcept {
