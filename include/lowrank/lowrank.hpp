@@ -5,6 +5,7 @@
 #include "lowrank/core/config.hpp"
 #include "lowrank/core/error.hpp"
 #include "lowrank/core/layout.hpp"
+#include "lowrank/core/matrix.hpp"
 #include "lowrank/core/philox.hpp"
 #include "lowrank/core/scalar.hpp"
 #include "lowrank/core/threading.hpp"
