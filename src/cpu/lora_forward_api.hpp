@@ -1,0 +1,73 @@
+// Interface between the ISA-independent lora_forward driver and its per-ISA kernel translation
+// units. Plain declarations only (no inline code compiled with ISA flags can leak out of a TU).
+#pragma once
+
+#include <cstddef>
+
+#include "lowrank/core/config.hpp"
+
+LOWRANK_BEGIN_NAMESPACE
+namespace detail {
+
+using FIndex = std::ptrdiff_t;
+
+// Dot form (W rows contiguous along the input): for t < tokens, o < outs,
+//   acc = lane-wise sum over k < depth of x[t*ldx + k] * w[o*ldw + k]
+//         then over k < aug_depth of xa[t*ldxa + k] * wa[o*ldwa + k]   (same lane accumulators:
+//         lane l takes the k congruent to l modulo the vector width, from 0 in each part)
+//   y[t*ldy + o*ycs] = hsum(acc) (+ bias[o] when bias != nullptr)
+// w points to float, or to bf16 / fp16 bit patterns (uint16_t), per entry.
+struct DotArgs {
+  const float* x;
+  FIndex ldx;
+  FIndex tokens;
+  const void* w;
+  FIndex ldw;
+  FIndex outs;
+  FIndex depth;
+  const float* xa;
+  FIndex ldxa;
+  const float* wa;
+  FIndex ldwa;
+  FIndex aug_depth;
+  const float* bias;
+  float* y;
+  FIndex ldy;
+  FIndex ycs;
+};
+
+// Axpy form (W rows contiguous along the output, W stored in x out): for t < tokens, o < outs,
+//   acc[t*ldacc + o] = fma chain, in k order, of x[t*ldx + k] * w[k*ldw + o] for k < depth,
+//   starting from the value in acc.
+struct AxpyArgs {
+  const float* x;
+  FIndex ldx;
+  FIndex tokens;
+  const void* w;
+  FIndex ldw;
+  FIndex outs;
+  FIndex depth;
+  float* acc;
+  FIndex ldacc;
+};
+
+using DotKernel = void (*)(const DotArgs&);
+using AxpyKernel = void (*)(const AxpyArgs&);
+
+struct ForwardKernels {
+  DotKernel dot_f32, dot_bf16, dot_f16;
+  AxpyKernel axpy_f32, axpy_bf16, axpy_f16;
+};
+
+// Defined in src/cpu/lora_forward_<isa>.cpp; constant-initialized.
+extern const ForwardKernels lora_forward_scalar;
+#if defined(LOWRANK_HAVE_AVX2)
+extern const ForwardKernels lora_forward_avx2;
+extern const ForwardKernels lora_forward_avx2_128;
+#endif
+#if defined(LOWRANK_HAVE_AVX512)
+extern const ForwardKernels lora_forward_avx512;
+#endif
+
+}  // namespace detail
+LOWRANK_END_NAMESPACE

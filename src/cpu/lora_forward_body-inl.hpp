@@ -1,0 +1,204 @@
+// The lora_forward micro-kernels, written once over a small vector-ops interface and included by
+// each per-ISA translation unit inside its own namespace (no include guard on purpose).
+//
+// Before including, the TU includes float_bits-inl.hpp (Bf16, F16) and defines in its namespace
+//   struct Ops { using V; static constexpr int kLanes; zero(), set1(float), fma(a, b, c) = a * b + c,
+//                load(const float*), load(const Bf16*), load(const F16*) (lane l = element l),
+//                store(float*, V), hsum(V) (a fixed order), prefetch(const void*) };
+//
+// Every output element is computed by the same sequence of operations whatever tile it falls in
+// (tails run the same code on zero-padded copies), so results do not depend on the tiling, the
+// thread count or the other tokens of the batch.
+
+// ---- dot form: y(t, o) = <x_t, w_o> (+ <xa_t, wa_o>) (+ bias_o) --------------------------------
+
+template <class Ops, int MT, int NT, class S>
+[[gnu::always_inline]] inline void dot_accumulate(typename Ops::V (&acc)[MT][NT], const float* const (&x)[MT],
+                                                  const S* const (&w)[NT], FIndex depth) {
+  using V = typename Ops::V;
+  constexpr int L = Ops::kLanes;
+  FIndex k = 0;
+  for (; k + L <= depth; k += L) {
+    if constexpr (MT > NT) {
+      V wv[NT];
+#pragma GCC unroll 8
+      for (int n = 0; n < NT; ++n) wv[n] = Ops::load(w[n] + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) {
+        const V xv = Ops::load(x[m] + k);
+#pragma GCC unroll 8
+        for (int n = 0; n < NT; ++n) acc[m][n] = Ops::fma(xv, wv[n], acc[m][n]);
+      }
+    } else {
+      V xv[MT];
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) xv[m] = Ops::load(x[m] + k);
+#pragma GCC unroll 8
+      for (int n = 0; n < NT; ++n) {
+        const V wv = Ops::load(w[n] + k);
+#pragma GCC unroll 8
+        for (int m = 0; m < MT; ++m) acc[m][n] = Ops::fma(xv[m], wv, acc[m][n]);
+      }
+    }
+  }
+  if (k < depth) {
+    // The tail as one zero-padded vector: the same lanes and operations as a full one.
+    const FIndex rest = depth - k;
+    float xb[MT][L] = {};
+    S wb[NT][L] = {};
+    for (int m = 0; m < MT; ++m)
+      for (FIndex l = 0; l < rest; ++l) xb[m][l] = x[m][k + l];
+    for (int n = 0; n < NT; ++n)
+      for (FIndex l = 0; l < rest; ++l) wb[n][l] = w[n][k + l];
+    for (int m = 0; m < MT; ++m) {
+      const V xv = Ops::load(xb[m]);
+      for (int n = 0; n < NT; ++n) acc[m][n] = Ops::fma(xv, Ops::load(wb[n]), acc[m][n]);
+    }
+  }
+}
+
+template <class Ops, int MT, int NT, class S>
+inline void dot_tile(const DotArgs& a, FIndex t0, FIndex o0) {
+  using V = typename Ops::V;
+  V acc[MT][NT];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NT; ++n) acc[m][n] = Ops::zero();
+  const S* const w0 = static_cast<const S*>(a.w);
+  {
+    const float* x[MT];
+    const S* w[NT];
+    for (int m = 0; m < MT; ++m) x[m] = a.x + (t0 + m) * a.ldx;
+    for (int n = 0; n < NT; ++n) w[n] = w0 + (o0 + n) * a.ldw;
+    dot_accumulate<Ops, MT, NT, S>(acc, x, w, a.depth);
+  }
+  if (a.aug_depth > 0) {
+    const float* x[MT];
+    const float* w[NT];
+    for (int m = 0; m < MT; ++m) x[m] = a.xa + (t0 + m) * a.ldxa;
+    for (int n = 0; n < NT; ++n) w[n] = a.wa + (o0 + n) * a.ldwa;
+    dot_accumulate<Ops, MT, NT, float>(acc, x, w, a.aug_depth);
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int n = 0; n < NT; ++n) {
+      float value = Ops::hsum(acc[m][n]);
+      if (a.bias != nullptr) value += a.bias[o0 + n];
+      a.y[(t0 + m) * a.ldy + (o0 + n) * a.ycs] = value;
+    }
+}
+
+// NT output rows for every token: groups of four tokens, then the remainder.
+template <class Ops, int NT, class S>
+void dot_all_tokens(const DotArgs& a, FIndex o0) {
+  FIndex t = 0;
+  for (; t + 4 <= a.tokens; t += 4) dot_tile<Ops, 4, NT, S>(a, t, o0);
+  switch (a.tokens - t) {
+    case 3: dot_tile<Ops, 3, NT, S>(a, t, o0); break;
+    case 2: dot_tile<Ops, 2, NT, S>(a, t, o0); break;
+    case 1: dot_tile<Ops, 1, NT, S>(a, t, o0); break;
+    default: break;
+  }
+}
+
+template <class Ops, int NT, class S>
+void dot_rows(const DotArgs& a) {
+  FIndex o = 0;
+  for (; o + NT <= a.outs; o += NT) dot_all_tokens<Ops, NT, S>(a, o);
+  for (; o < a.outs; ++o) dot_all_tokens<Ops, 1, S>(a, o);
+}
+
+// Tile shapes by token count: 12 accumulators from 3 tokens up (4 x 3, 3 x 4), more output rows
+// for one or two tokens, where W streams from memory and each x vector serves NT rows.
+template <class Ops, class S>
+void dot_kernel(const DotArgs& a) {
+  if (a.tokens >= 4) {
+    dot_rows<Ops, 3, S>(a);
+  } else if (a.tokens == 3) {
+    dot_rows<Ops, 4, S>(a);
+  } else if (a.tokens == 2) {
+    dot_rows<Ops, 6, S>(a);
+  } else if (a.tokens == 1) {
+    dot_rows<Ops, 8, S>(a);
+  }
+}
+
+// ---- axpy form: acc(t, :) += x(t, k) w(k, :) for k in order -------------------------------------
+
+template <class Ops, int MT, int U, class S>
+inline void axpy_block(const AxpyArgs& a, FIndex t0, FIndex k0) {
+  using V = typename Ops::V;
+  constexpr int L = Ops::kLanes;
+  const S* const wbase = static_cast<const S*>(a.w);
+  V xb[MT][U];
+  float* c[MT];
+  const S* w[U];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) {
+    c[m] = a.acc + (t0 + m) * a.ldacc;
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) xb[m][u] = Ops::set1(a.x[(t0 + m) * a.ldx + k0 + u]);
+  }
+  for (int u = 0; u < U; ++u) w[u] = wbase + (k0 + u) * a.ldw;
+  FIndex o = 0;
+  for (; o + L <= a.outs; o += L) {
+    V am[MT];
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) am[m] = Ops::load(c[m] + o);
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const V wv = Ops::load(w[u] + o);
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) am[m] = Ops::fma(xb[m][u], wv, am[m]);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) Ops::store(c[m] + o, am[m]);
+  }
+  if (o < a.outs) {
+    const FIndex rest = a.outs - o;
+    float cb[MT][L] = {};
+    S wb[U][L] = {};
+    for (int m = 0; m < MT; ++m)
+      for (FIndex l = 0; l < rest; ++l) cb[m][l] = c[m][o + l];
+    for (int u = 0; u < U; ++u)
+      for (FIndex l = 0; l < rest; ++l) wb[u][l] = w[u][o + l];
+    V am[MT];
+    for (int m = 0; m < MT; ++m) am[m] = Ops::load(cb[m]);
+    for (int u = 0; u < U; ++u) {
+      const V wv = Ops::load(wb[u]);
+      for (int m = 0; m < MT; ++m) am[m] = Ops::fma(xb[m][u], wv, am[m]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      Ops::store(cb[m], am[m]);
+      for (FIndex l = 0; l < rest; ++l) c[m][o + l] = cb[m][l];
+    }
+  }
+}
+
+template <class Ops, int U, class S>
+void axpy_all_tokens(const AxpyArgs& a, FIndex k0) {
+  FIndex t = 0;
+  for (; t + 3 <= a.tokens; t += 3) axpy_block<Ops, 3, U, S>(a, t, k0);
+  switch (a.tokens - t) {
+    case 2: axpy_block<Ops, 2, U, S>(a, t, k0); break;
+    case 1: axpy_block<Ops, 1, U, S>(a, t, k0); break;
+    default: break;
+  }
+}
+
+// Four rows of W per pass over the accumulators (one load and store of each per four FMAs).
+template <class Ops, class S>
+void axpy_kernel(const AxpyArgs& a) {
+  FIndex k = 0;
+  for (; k + 4 <= a.depth; k += 4) axpy_all_tokens<Ops, 4, S>(a, k);
+  for (; k < a.depth; ++k) axpy_all_tokens<Ops, 1, S>(a, k);
+}
+
+inline void dot_f32(const DotArgs& a) { dot_kernel<Ops, float>(a); }
+inline void dot_bf16(const DotArgs& a) { dot_kernel<Ops, Bf16>(a); }
+inline void dot_f16(const DotArgs& a) { dot_kernel<Ops, F16>(a); }
+inline void axpy_f32(const AxpyArgs& a) { axpy_kernel<Ops, float>(a); }
+inline void axpy_bf16(const AxpyArgs& a) { axpy_kernel<Ops, Bf16>(a); }
+inline void axpy_f16(const AxpyArgs& a) { axpy_kernel<Ops, F16>(a); }
+
+constexpr ForwardKernels kForwardKernels{&dot_f32, &dot_bf16, &dot_f16, &axpy_f32, &axpy_bf16, &axpy_f16};

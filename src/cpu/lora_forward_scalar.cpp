@@ -1,0 +1,33 @@
+// Scalar (portable C++) lora_forward kernels: always built, the path for every CPU and for
+// sanitizer builds. Compiled with -ffp-contract=off: a * b + c is rounded twice everywhere.
+#include <cstdint>
+
+#include "lora_forward_api.hpp"
+
+LOWRANK_BEGIN_NAMESPACE
+namespace detail {
+namespace lora_forward_scalar_isa {
+
+#include "float_bits-inl.hpp"
+
+struct Ops {
+  using V = float;
+  static constexpr int kLanes = 1;
+  static V zero() { return 0.0f; }
+  static V set1(float x) { return x; }
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static V load(const float* p) { return *p; }
+  static V load(const Bf16* p) { return bf16_bits_to_f32(p->bits); }
+  static V load(const F16* p) { return f16_bits_to_f32(p->bits); }
+  static void store(float* p, V x) { *p = x; }
+  static float hsum(V x) { return x; }
+};
+
+#include "lora_forward_body-inl.hpp"
+
+}  // namespace lora_forward_scalar_isa
+
+const ForwardKernels lora_forward_scalar = lora_forward_scalar_isa::kForwardKernels;
+
+}  // namespace detail
+LOWRANK_END_NAMESPACE
