@@ -1,13 +1,19 @@
-// `lowrank`: inspect and merge safetensors checkpoints and PEFT LoRA adapters.
+// `lowrank`: inspect and merge safetensors checkpoints and PEFT LoRA adapters, and extract LoRA
+// adapters from fine-tuned checkpoints.
 //
 //   lowrank inspect PATH [--json]
 //   lowrank merge BASE ADAPTER -o OUT [--dtype keep|f32|bf16|f16] [--rounding nearest|stochastic]
 //                 [--seed N] [--force] [--threads N] [--stats]
+//   lowrank extract BASE TUNED -o ADAPTER --rank R [--targets M,...|--target-regex RE]
+//                 [--layout auto|out_in|in_out] [--dtype f32|bf16] [--fp64] [--seed N]
+//                 [--oversample N] [--power-iterations N] [--svd auto|randomized|exact]
+//                 [--threads N] [--force] [--json] [--stats]
 //
 // Exit status: 0 on success, 1 on bad input or a failed operation (one line on stderr), 2 on a
 // command-line error.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -15,12 +21,14 @@
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "lowrank/core/threading.hpp"
 #include "lowrank/io/checkpoint.hpp"
+#include "lowrank/io/extract.hpp"
 #include "lowrank/io/merge.hpp"
 #include "lowrank/io/peft.hpp"
 #include "lowrank/io/safetensors.hpp"
@@ -200,10 +208,106 @@ int merge(const MergeArgs& args) {
   return 0;
 }
 
+struct ExtractArgs {
+  std::string base, tuned, out, target_regex, layout = "auto", dtype = "f32", svd = "auto";
+  std::vector<std::string> targets;
+  int rank = 0, power_iterations = 2, threads = 0;
+  lowrank::Index oversample = 10;
+  std::uint64_t seed = 0;
+  bool fp64 = false, force = false, as_json = false, stats = false;
+};
+
+int extract(const ExtractArgs& args) {
+  io::ExtractOptions o;
+  o.rank = args.rank;
+  o.target_modules = args.targets;
+  if (!args.target_regex.empty()) o.target_regex = args.target_regex;
+  if (args.layout == "out_in") o.layout = lowrank::Layout::out_in;
+  else if (args.layout == "in_out") o.layout = lowrank::Layout::in_out;
+  o.dtype = args.dtype == "bf16" ? io::Dtype::BF16 : io::Dtype::F32;
+  o.fp64 = args.fp64;
+  o.svd.seed = args.seed;
+  o.svd.oversample = args.oversample;
+  o.svd.power_iterations = args.power_iterations;
+  o.svd.method = args.svd == "exact"        ? lowrank::linalg::SvdMethod::exact
+                 : args.svd == "randomized" ? lowrank::linalg::SvdMethod::randomized
+                                            : lowrank::linalg::SvdMethod::automatic;
+  o.overwrite = args.force;
+  o.threads = args.threads;
+  const bool tty = ::isatty(STDERR_FILENO) != 0;
+  auto last = std::chrono::steady_clock::now();
+  int shown = -1;
+  if (tty) {
+    o.progress = [&](const io::ExtractProgress& p) {
+      const auto now = std::chrono::steady_clock::now();
+      const int pct = p.bytes_total ? static_cast<int>(100.0 * static_cast<double>(p.bytes_done) / static_cast<double>(p.bytes_total)) : 100;
+      if (pct == shown || (now - last < std::chrono::milliseconds(100) && pct != 100)) return;
+      shown = pct;
+      last = now;
+      const int bar = pct * 30 / 100;
+      fmt::print(stderr, "\r[{:#<{}}{:<{}}] {:3d}%  {} / {}  module {}/{}", "", bar, "", 30 - bar, pct,
+                 human_bytes(static_cast<double>(p.bytes_done)), human_bytes(static_cast<double>(p.bytes_total)),
+                 p.modules_done, p.modules_total);
+    };
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto report = io::extract_adapter(args.base, args.tuned, args.out, o);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (tty) fmt::print(stderr, "\n");
+  double worst = 1;
+  for (const auto& m : report.modules) worst = std::min(worst, m.captured_energy);
+  if (args.as_json) {
+    json modules = json::array();
+    for (const auto& m : report.modules) {
+      modules.push_back({{"module", m.module}, {"tensor", m.tensor}, {"out", m.out}, {"in", m.in},
+                         {"base_dtype", std::string(io::to_string(m.base_dtype))},
+                         {"tuned_dtype", std::string(io::to_string(m.tuned_dtype))}, {"written", m.written},
+                         {"rank", m.rank}, {"delta_norm", m.delta_norm}, {"captured_energy", m.captured_energy},
+                         {"residual_norm", m.residual_norm}, {"exact_svd", m.exact_svd},
+                         {"singular_values", m.singular_values}});
+    }
+    json doc = {{"kind", "extract"}, {"base", args.base}, {"tuned", args.tuned}, {"output", args.out},
+                {"rank", args.rank}, {"lora_alpha", args.rank}, {"dtype", std::string(io::to_string(o.dtype))},
+                {"layout", std::string(lowrank::to_string(report.layout))},
+                {"fan_in_fan_out", report.layout == lowrank::Layout::in_out}, {"layout_source", report.layout_source},
+                {"written", report.written}, {"skipped", report.skipped}, {"min_captured_energy", worst},
+                {"bytes_written", report.bytes_written}, {"seconds", seconds}, {"modules", modules},
+                {"only_in_base", report.only_in_base}, {"only_in_tuned", report.only_in_tuned}};
+    fmt::print("{}\n", doc.dump(2));
+  }
+  if (args.stats) {
+    std::size_t width = 6;
+    for (const auto& m : report.modules) width = std::max(width, m.module.size());
+    fmt::print(stderr, "{:<{}}  {:>6} {:>6} {:>4} {:>12} {:>10} {}\n", "module", width, "out", "in", "rank", "||dW||_F",
+               "energy", "svd");
+    for (const auto& m : report.modules) {
+      if (m.written) {
+        fmt::print(stderr, "{:<{}}  {:>6} {:>6} {:>4} {:>12.6g} {:>10.6f} {}\n", m.module, width, m.out, m.in, m.rank,
+                   m.delta_norm, m.captured_energy, m.exact_svd ? "exact" : "randomized");
+      } else {
+        fmt::print(stderr, "{:<{}}  {:>6} {:>6} {:>4} {:>12} {:>10} skipped (unchanged)\n", m.module, width, m.out, m.in,
+                   "-", 0, "-");
+      }
+    }
+  }
+  if (tty || args.stats) {
+    fmt::print(stderr, "extracted {} module{} at rank {} ({} unchanged, skipped) into {} ({}, layout {}), lowest captured "
+               "energy {:.4f}, in {:.2f} s\n", report.written, report.written == 1 ? "" : "s", args.rank, report.skipped,
+               args.out, human_bytes(static_cast<double>(report.bytes_written)), lowrank::to_string(report.layout), worst,
+               seconds);
+  }
+  if (args.stats) {
+    fmt::print(stderr, "stats: seconds {:.3f} bytes {} peak_rss {} threads {}\n", seconds, report.bytes_written,
+               peak_rss(), report.threads);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{fmt::format("lowrank {}.{}.{}: inspect and merge safetensors checkpoints and PEFT LoRA adapters",
+  CLI::App app{fmt::format("lowrank {}.{}.{}: inspect and merge safetensors checkpoints and PEFT LoRA adapters, "
+                           "and extract adapters from fine-tuned checkpoints",
                            LOWRANK_VERSION_MAJOR, LOWRANK_VERSION_MINOR, LOWRANK_VERSION_PATCH),
                "lowrank"};
   app.require_subcommand(1);
@@ -233,15 +337,57 @@ int main(int argc, char** argv) {
   mer->add_flag("--force", m.force, "replace an existing, non-empty output folder");
   mer->add_flag("--stats", m.stats, "print time, bytes written and peak resident memory to stderr");
 
+  ExtractArgs x;
+  auto* ext = app.add_subcommand("extract", "Extract a PEFT LoRA adapter from a fine-tuned checkpoint: TUNED - BASE "
+                                            "truncated to rank R per weight with the randomized SVD");
+  ext->add_option("BASE", x.base, "the base checkpoint: a .safetensors file or a folder (sharded or not)")->required();
+  ext->add_option("TUNED", x.tuned, "the fine-tuned checkpoint, with the same tensor names")->required();
+  ext->add_option("-o,--output", x.out, "the adapter folder to write (adapter_config.json + adapter_model.safetensors)")
+      ->required();
+  ext->add_option("-r,--rank", x.rank, "rank of every extracted module (lora_alpha = rank, scale 1)")
+      ->required()
+      ->check(CLI::PositiveNumber);
+  auto* targets = ext->add_option("--targets", x.targets, "PEFT target_modules names (comma-separated or repeated): "
+                                                          "a module is targeted if its name equals one or ends in .NAME "
+                                                          "(default: every 2-D .weight but embeddings and lm_head)")
+                      ->delimiter(',');
+  ext->add_option("--target-regex", x.target_regex, "a regular expression that must match whole module names "
+                                                    "(PEFT's string target_modules)")
+      ->excludes(targets);
+  ext->add_option("--layout", x.layout, "weight layout: auto (from config.json's model_type), out_in (nn.Linear), "
+                                        "in_out (GPT-2 Conv1D, written as fan_in_fan_out)")
+      ->check(CLI::IsMember({"auto", "out_in", "in_out"}))
+      ->capture_default_str();
+  ext->add_option("--dtype", x.dtype, "dtype of the adapter's factors")
+      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->capture_default_str();
+  ext->add_flag("--fp64", x.fp64, "difference and SVD in fp64 (default fp32; fp64 anyway for F64 tensors)");
+  ext->add_option("--seed", x.seed, "seed of the randomized SVD's test matrices")->capture_default_str();
+  ext->add_option("--oversample", x.oversample, "randomized SVD: extra range columns")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  ext->add_option("--power-iterations", x.power_iterations, "randomized SVD: power iterations")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  ext->add_option("--svd", x.svd, "SVD method: auto (exact for small weights), randomized, exact")
+      ->check(CLI::IsMember({"auto", "randomized", "exact"}))
+      ->capture_default_str();
+  ext->add_option("--threads", x.threads, "modules extracted at once (default: min(cores, 4)); memory grows with it")
+      ->check(CLI::PositiveNumber);
+  ext->add_flag("--force", x.force, "replace an existing, non-empty output folder");
+  ext->add_flag("--json", x.as_json, "print the report (per-module captured energy, rank, singular values) as JSON");
+  ext->add_flag("--stats", x.stats, "print a per-module table, time and peak resident memory to stderr");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     const int code = app.exit(e);  // prints help, the version, or the error and a hint
     return code == 0 ? 0 : 2;
   }
-  const char* command = ins->parsed() ? "inspect" : "merge";
+  const char* command = ins->parsed() ? "inspect" : ext->parsed() ? "extract" : "merge";
   try {
     if (ins->parsed()) return inspect(inspect_path, inspect_json);
+    if (ext->parsed()) return extract(x);
     return merge(m);
   } catch (const std::exception& e) {
     std::string message = e.what();
