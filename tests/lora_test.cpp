@@ -630,6 +630,14 @@ TEST(LoraPissa, NiterSubspaceAngleShrinksWithK) {
   EXPECT_LT(angle[3], 1e-2);
 }
 
+TEST(LoraPissa, PeftInitStrings) {
+  EXPECT_EQ(adapt::pissa_options_from_peft("pissa").niter, -1);
+  EXPECT_EQ(adapt::pissa_options_from_peft("pissa_niter_0").niter, 0);
+  EXPECT_EQ(adapt::pissa_options_from_peft("pissa_niter_16").niter, 16);
+  for (const char* bad : {"", "olora", "pissa_niter_", "pissa_niter_-1", "pissa_niter_4x", "pissa_niter_9999999999"})
+    EXPECT_THROW((void)adapt::pissa_options_from_peft(bad), Error) << bad;
+}
+
 TEST(LoraPissa, ErrorsLeaveWUnchanged) {
   RowMatrix<float> W = store<float>(gaussian(6, 5, 131), Layout::out_in);
   const RowMatrix<float> W0 = W;

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string_view>
 #include <type_traits>
 
 #include <Eigen/Core>
@@ -171,6 +172,30 @@ struct PissaOptions {
   std::uint64_t seed = 0;
   std::uint64_t stream = 0;
 };
+
+/// The `PissaOptions` of a PEFT `init_lora_weights` string: "pissa" (exact SVD) or
+/// "pissa_niter_K" with K a non-negative decimal integer (randomized, K power iterations).
+/// \throws Error for any other string.
+[[nodiscard]] inline PissaOptions pissa_options_from_peft(std::string_view init_lora_weights) {
+  constexpr const char* fn = "lowrank::adapt::pissa_options_from_peft";
+  PissaOptions o;
+  if (init_lora_weights == "pissa") return o;
+  constexpr std::string_view prefix = "pissa_niter_";
+  if (init_lora_weights.substr(0, prefix.size()) != prefix || init_lora_weights.size() == prefix.size() ||
+      init_lora_weights.size() > prefix.size() + 9) {
+    lowrank::detail::fail(fn, "\"{}\" is neither \"pissa\" nor \"pissa_niter_K\" (K a non-negative integer)",
+                          init_lora_weights);
+  }
+  int k = 0;
+  for (const char c : init_lora_weights.substr(prefix.size())) {
+    if (c < '0' || c > '9') {
+      lowrank::detail::fail(fn, "\"{}\": K in \"pissa_niter_K\" must be a non-negative integer", init_lora_weights);
+    }
+    k = 10 * k + (c - '0');
+  }
+  o.niter = k;
+  return o;
+}
 
 /// PiSSA init (arXiv 2404.02948; PEFT `pissa_init`). MUTATES W into the residual.
 ///

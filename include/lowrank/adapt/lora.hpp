@@ -340,7 +340,8 @@ namespace adapt {
 /// merged weight `W + weight * s * B A` is computed into a temporary (bitwise what `merge` would
 /// store, including stochastic rounding) and must be finite (overflow to Inf in bf16/fp16 and a
 /// non-finite W are refused too); the merged bias likewise; only then are weight and bias written,
-/// together. Cost: `merge` plus one temporary copy of W.
+/// together. A bias given for an adapter without `lora_bias` is neither changed nor checked.
+/// Cost: `merge` plus one temporary copy of W.
 /// \throws Error naming the first offending element; W and bias are then bitwise unchanged.
 template <SupportedScalar TW, FactorScalar T, SupportedScalar TB = std::remove_const_t<TW>>
   requires(!std::is_const_v<TW> && !std::is_const_v<TB>)
