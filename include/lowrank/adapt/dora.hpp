@@ -50,7 +50,7 @@ struct DoraMergeCache {
   Vector<double> weight_norm;  ///< length `out`
 };
 
-namespace detail {
+namespace variants_detail {
 
 template <class T>
 void check_dora_factors(const char* fn, const DoraAdapter<T>& a) {
@@ -82,7 +82,7 @@ inline void check_norms(const char* fn, const Vector<double>& n) {
       lowrank::detail::fail(fn, "row {} of W + s B A has norm {} (must be finite and > 0)", i, n(i));
 }
 
-}  // namespace detail
+}  // namespace variants_detail
 
 /// Row norms `||W + s B A||_row` (L2 over the input dimension of each output channel), fp64,
 /// length `out`; `W` in either layout. Cost: `2 out in r` flops.
@@ -90,9 +90,9 @@ inline void check_norms(const char* fn, const Vector<double>& n) {
 template <SupportedScalar TW, class T>
 [[nodiscard]] Vector<double> dora_weight_norm(WeightView<TW> W, const DoraAdapter<T>& a) {
   constexpr const char* fn = "lowrank::adapt::dora_weight_norm";
-  detail::check_dora_factors(fn, a);
-  detail::check_weight_shape(fn, "W", W, a.out_features(), a.in_features());
-  return detail::dora_combined(W, a).rowwise().norm();
+  variants_detail::check_dora_factors(fn, a);
+  variants_detail::check_weight_shape(fn, "W", W, a.out_features(), a.in_features());
+  return variants_detail::dora_combined(W, a).rowwise().norm();
 }
 
 /// PEFT's `dora_init`: sets `a.magnitude = ||W + s B A||_row` (so with `B = 0`, `m = ||W||_row` and
@@ -100,9 +100,9 @@ template <SupportedScalar TW, class T>
 template <SupportedScalar TW, class T>
 void init_magnitude(DoraAdapter<T>& a, WeightView<TW> W) {
   constexpr const char* fn = "lowrank::adapt::init_magnitude";
-  detail::check_dora_factors(fn, a);
-  detail::check_weight_shape(fn, "W", W, a.out_features(), a.in_features());
-  a.magnitude = detail::dora_combined(W, a).rowwise().norm().template cast<T>();
+  variants_detail::check_dora_factors(fn, a);
+  variants_detail::check_weight_shape(fn, "W", W, a.out_features(), a.in_features());
+  a.magnitude = variants_detail::dora_combined(W, a).rowwise().norm().template cast<T>();
 }
 
 /// DoRA forward `diag(m / ||W + s B A||_row) (X W^T + s (X A^T) B^T)^T + bias` for `X`
@@ -113,12 +113,12 @@ template <SupportedScalar TW, class T, class DX>
 [[nodiscard]] RowMatrix<T> forward(WeightView<TW> W, const DoraAdapter<T>& a, const Eigen::MatrixBase<DX>& X,
                                    const T* bias = nullptr) {
   constexpr const char* fn = "lowrank::adapt::forward(DoraAdapter)";
-  detail::check_dora(fn, a);
-  detail::check_weight_shape(fn, "W", W, a.out_features(), a.in_features());
-  detail::check_input(fn, X, a.in_features());
-  const Vector<double> n = detail::dora_combined(W, a).rowwise().norm();
-  detail::check_norms(fn, n);
-  RowMatrix<T> Y = detail::base_output<T>(W, X);
+  variants_detail::check_dora(fn, a);
+  variants_detail::check_weight_shape(fn, "W", W, a.out_features(), a.in_features());
+  variants_detail::check_input(fn, X, a.in_features());
+  const Vector<double> n = variants_detail::dora_combined(W, a).rowwise().norm();
+  variants_detail::check_norms(fn, n);
+  RowMatrix<T> Y = variants_detail::base_output<T>(W, X);
   RowMatrix<T> XA = X.template cast<T>() * a.A.transpose();
   Y.noalias() += static_cast<T>(a.scale) * (XA * a.B.transpose());
   for (Index j = 0; j < Y.cols(); ++j) {
@@ -136,14 +136,14 @@ template <SupportedScalar TW, class T, class DX>
 template <SupportedScalar TW, class T>
 [[nodiscard]] DoraMergeCache merge(WeightView<TW> W, const DoraAdapter<T>& a, const RankUpdateOptions& options = {}) {
   constexpr const char* fn = "lowrank::adapt::merge(DoraAdapter)";
-  detail::check_dora(fn, a);
-  detail::check_weight_shape(fn, "W", W, a.out_features(), a.in_features());
-  detail::check_finite(fn, "magnitude", a.magnitude);
-  RowMatrix<double> M = detail::dora_combined(W, a);
+  variants_detail::check_dora(fn, a);
+  variants_detail::check_weight_shape(fn, "W", W, a.out_features(), a.in_features());
+  variants_detail::check_finite(fn, "magnitude", a.magnitude);
+  RowMatrix<double> M = variants_detail::dora_combined(W, a);
   DoraMergeCache cache{M.rowwise().norm()};
-  detail::check_norms(fn, cache.weight_norm);
+  variants_detail::check_norms(fn, cache.weight_norm);
   for (Index i = 0; i < M.rows(); ++i) M.row(i) *= static_cast<double>(a.magnitude(i)) / cache.weight_norm(i);
-  detail::store_out_in(W, M, options);
+  variants_detail::store_out_in(W, M, options);
   return cache;
 }
 
@@ -153,18 +153,18 @@ template <SupportedScalar TW, class T>
 template <SupportedScalar TW, class T>
 void unmerge(WeightView<TW> W, const DoraAdapter<T>& a, const DoraMergeCache& cache, const RankUpdateOptions& options = {}) {
   constexpr const char* fn = "lowrank::adapt::unmerge(DoraAdapter)";
-  detail::check_dora(fn, a);
-  detail::check_weight_shape(fn, "W", W, a.out_features(), a.in_features());
+  variants_detail::check_dora(fn, a);
+  variants_detail::check_weight_shape(fn, "W", W, a.out_features(), a.in_features());
   if (cache.weight_norm.size() != a.out_features())
     lowrank::detail::fail(fn, "cache.weight_norm has {} entries but out = {}", cache.weight_norm.size(), a.out_features());
-  detail::check_norms(fn, cache.weight_norm);
+  variants_detail::check_norms(fn, cache.weight_norm);
   for (Index i = 0; i < a.magnitude.size(); ++i)
     if (!(std::abs(static_cast<double>(a.magnitude(i))) > 0) || !std::isfinite(static_cast<double>(a.magnitude(i))))
       lowrank::detail::fail(fn, "magnitude({}) = {} cannot be inverted", i, static_cast<double>(a.magnitude(i)));
-  RowMatrix<double> M = detail::to_out_in_f64(W);
+  RowMatrix<double> M = variants_detail::to_out_in_f64(W);
   for (Index i = 0; i < M.rows(); ++i) M.row(i) *= cache.weight_norm(i) / static_cast<double>(a.magnitude(i));
   M.noalias() -= a.scale * (a.B.template cast<double>() * a.A.template cast<double>());
-  detail::store_out_in(W, M, options);
+  variants_detail::store_out_in(W, M, options);
 }
 
 }  // namespace adapt

@@ -85,7 +85,7 @@ struct MoraAdapter {
   [[nodiscard]] Index out_features() const noexcept { return out; }
 };
 
-namespace detail {
+namespace variants_detail {
 
 inline bool valid_mora_type(MoraType t) {
   switch (t) {
@@ -141,16 +141,16 @@ inline std::vector<std::pair<double, double>> mora_rope_table(Index nb, Index rh
   return t;
 }
 
-}  // namespace detail
+}  // namespace variants_detail
 
 /// A zero-initialised MoRA adapter: `r_hat = mora_rank(out, in, r, type)`, `M = 0`.
 /// \throws Error if the sizes are invalid or types 1, 4, 6 get `in < r_hat`.
 template <class T = float>
 [[nodiscard]] MoraAdapter<T> init_mora(Index out, Index in, Index r, MoraType type, Layout layout = Layout::out_in) {
   constexpr const char* fn = "lowrank::adapt::init_mora";
-  if (!detail::valid_mora_type(type)) lowrank::detail::fail(fn, "unknown MoRA type {}", static_cast<int>(type));
+  if (!variants_detail::valid_mora_type(type)) lowrank::detail::fail(fn, "unknown MoRA type {}", static_cast<int>(type));
   const Index rh = mora_rank(out, in, r, type);
-  detail::check_mora_dims(fn, out, in, rh, type);
+  variants_detail::check_mora_dims(fn, out, in, rh, type);
   MoraAdapter<T> a;
   a.M = RowMatrix<T>::Zero(rh, rh);
   a.out = out;
@@ -168,17 +168,17 @@ template <class T = float>
 template <class T, class DX>
 [[nodiscard]] RowMatrix<T> adapter_output(const MoraAdapter<T>& a, const Eigen::MatrixBase<DX>& X) {
   constexpr const char* fn = "lowrank::adapt::adapter_output(MoraAdapter)";
-  detail::check_mora(fn, a);
-  detail::check_input(fn, X, a.in);
+  variants_detail::check_mora(fn, a);
+  variants_detail::check_input(fn, X, a.in);
   const Index rh = a.M.rows(), in = a.in, out = a.out, tokens = X.rows();
-  const Index nb = detail::mora_blocks(in, rh), padded = nb * rh;
+  const Index nb = variants_detail::mora_blocks(in, rh), padded = nb * rh;
   const bool rope = a.type == MoraType::rope;
-  const auto table = rope ? detail::mora_rope_table(nb, rh) : std::vector<std::pair<double, double>>{};
+  const auto table = rope ? variants_detail::mora_rope_table(nb, rh) : std::vector<std::pair<double, double>>{};
   RowMatrix<T> Y(tokens, out);
   Eigen::Matrix<T, Eigen::Dynamic, 1> xp(padded), c, z;
   for (Index t = 0; t < tokens; ++t) {
     // f_comp
-    if (detail::mora_cyclic_in(a.type))
+    if (variants_detail::mora_cyclic_in(a.type))
       for (Index q = 0; q < padded; ++q) xp(q) = static_cast<T>(X(t, q < in ? q : q - in));
     if (a.type == MoraType::sharing || a.type == MoraType::cyclic_interleave) {
       c = Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(rh);
@@ -213,7 +213,7 @@ template <class T, class DX>
     if (a.type == MoraType::sharing || a.type == MoraType::segment_tile) {
       for (Index i = 0; i < out; ++i) Y(t, i) = z(i % rh);
     } else if (a.type == MoraType::segment_interleave || a.type == MoraType::cyclic_interleave) {
-      for (Index i = 0; i < out; ++i) Y(t, i) = z(detail::mora_segment_of(i, out, rh));
+      for (Index i = 0; i < out; ++i) Y(t, i) = z(variants_detail::mora_segment_of(i, out, rh));
     } else {
       for (Index i = 0; i < out; ++i) Y(t, i) = z(i % padded);
     }
@@ -229,24 +229,24 @@ template <class T, class DX>
 template <class T>
 [[nodiscard]] RowMatrix<T> dense_delta(const MoraAdapter<T>& a) {
   constexpr const char* fn = "lowrank::adapt::dense_delta(MoraAdapter)";
-  detail::check_mora(fn, a);
+  variants_detail::check_mora(fn, a);
   const Index rh = a.M.rows(), in = a.in, out = a.out;
-  const Index nb = detail::mora_blocks(in, rh), padded = nb * rh;
+  const Index nb = variants_detail::mora_blocks(in, rh), padded = nb * rh;
   const RowMatrix<double> M = a.M.template cast<double>();
   RowMatrix<double> d = RowMatrix<double>::Zero(out, in);
   if (a.type != MoraType::rope) {
     std::vector<Index> dec(static_cast<std::size_t>(out));
     for (Index i = 0; i < out; ++i)
       dec[static_cast<std::size_t>(i)] =
-          (a.type == MoraType::sharing || a.type == MoraType::segment_tile) ? i % rh : detail::mora_segment_of(i, out, rh);
+          (a.type == MoraType::sharing || a.type == MoraType::segment_tile) ? i % rh : variants_detail::mora_segment_of(i, out, rh);
     for (Index j = 0; j < in; ++j) {
       Index ks[2];
       int nk = 0;
-      if (detail::mora_cyclic_in(a.type)) {
+      if (variants_detail::mora_cyclic_in(a.type)) {
         ks[nk++] = j % rh;
         if (in + j < padded) ks[nk++] = (in + j) % rh;
       } else {
-        ks[nk++] = detail::mora_segment_of(j, in, rh);
+        ks[nk++] = variants_detail::mora_segment_of(j, in, rh);
       }
       for (Index i = 0; i < out; ++i)
         for (int q = 0; q < nk; ++q) d(i, j) += M(dec[static_cast<std::size_t>(i)], ks[q]);
@@ -255,7 +255,7 @@ template <class T>
     // MR[b] = M R_b, with R_b the rotation of block b: column kq of R_b has cos at kq and
     // +sin at kq + h (kq < h), or cos at kq and -sin at kq - h (kq >= h).
     const Index h = rh / 2;
-    const auto table = detail::mora_rope_table(nb, rh);
+    const auto table = variants_detail::mora_rope_table(nb, rh);
     std::vector<RowMatrix<double>> MR(static_cast<std::size_t>(nb));
     for (Index b = 0; b < nb; ++b) {
       RowMatrix<double>& mr = MR[static_cast<std::size_t>(b)];
@@ -280,7 +280,7 @@ template <class T>
       }
     }
   }
-  return detail::in_layout<T>(d.template cast<T>(), a.layout);
+  return variants_detail::in_layout<T>(d.template cast<T>(), a.layout);
 }
 
 /// Full forward `X W^T + f_decomp(M f_comp(x)) (+ bias)` row by row, precision `T`.
@@ -289,10 +289,10 @@ template <SupportedScalar TW, class T, class DX>
 [[nodiscard]] RowMatrix<T> forward(WeightView<TW> W, const MoraAdapter<T>& a, const Eigen::MatrixBase<DX>& X,
                                    const T* bias = nullptr) {
   constexpr const char* fn = "lowrank::adapt::forward(MoraAdapter)";
-  detail::check_mora(fn, a);
-  detail::check_weight_shape(fn, "W", W, a.out, a.in);
-  detail::check_input(fn, X, a.in);
-  RowMatrix<T> Y = detail::base_output<T>(W, X) + adapter_output(a, X);
+  variants_detail::check_mora(fn, a);
+  variants_detail::check_weight_shape(fn, "W", W, a.out, a.in);
+  variants_detail::check_input(fn, X, a.in);
+  RowMatrix<T> Y = variants_detail::base_output<T>(W, X) + adapter_output(a, X);
   if (bias != nullptr)
     for (Index i = 0; i < Y.rows(); ++i)
       for (Index j = 0; j < Y.cols(); ++j) Y(i, j) += bias[j];
@@ -305,20 +305,20 @@ template <SupportedScalar TW, class T, class DX>
 template <SupportedScalar TW, class T>
 void merge(WeightView<TW> W, const MoraAdapter<T>& a, const RankUpdateOptions& options = {}) {
   constexpr const char* fn = "lowrank::adapt::merge(MoraAdapter)";
-  detail::check_mora(fn, a);
-  detail::check_weight_shape(fn, "W", W, a.out, a.in);
+  variants_detail::check_mora(fn, a);
+  variants_detail::check_weight_shape(fn, "W", W, a.out, a.in);
   MoraAdapter<double> a64{a.M.template cast<double>(), a.out, a.in, a.type, Layout::out_in};
-  detail::add_dense(W, dense_delta(a64), 1.0, options);
+  variants_detail::add_dense(W, dense_delta(a64), 1.0, options);
 }
 
 /// Removes the dense delta from `W` (the negated `merge`). \throws Error (W unchanged) on shape mismatch.
 template <SupportedScalar TW, class T>
 void unmerge(WeightView<TW> W, const MoraAdapter<T>& a, const RankUpdateOptions& options = {}) {
   constexpr const char* fn = "lowrank::adapt::unmerge(MoraAdapter)";
-  detail::check_mora(fn, a);
-  detail::check_weight_shape(fn, "W", W, a.out, a.in);
+  variants_detail::check_mora(fn, a);
+  variants_detail::check_weight_shape(fn, "W", W, a.out, a.in);
   MoraAdapter<double> a64{a.M.template cast<double>(), a.out, a.in, a.type, Layout::out_in};
-  detail::add_dense(W, dense_delta(a64), -1.0, options);
+  variants_detail::add_dense(W, dense_delta(a64), -1.0, options);
 }
 
 }  // namespace adapt

@@ -74,9 +74,9 @@ struct RankOneSum {
     if (u.size() != out_features() || v.size() != in_features())
       lowrank::detail::fail(fn, "u has {} entries and v {} but the sum is out={} x in={}", u.size(), v.size(), out_features(),
                             in_features());
-    detail::check_finite(fn, "u", u);
-    detail::check_finite(fn, "v", v);
-    detail::check_finite_scalar(fn, "coefficient", coefficient);
+    variants_detail::check_finite(fn, "u", u);
+    variants_detail::check_finite(fn, "v", v);
+    variants_detail::check_finite_scalar(fn, "coefficient", coefficient);
     const Index k = size();
     U.conservativeResize(Eigen::NoChange, k + 1);
     V.conservativeResize(Eigen::NoChange, k + 1);
@@ -108,7 +108,7 @@ struct RankOneSum {
   }
 };
 
-namespace detail {
+namespace variants_detail {
 template <class T>
 void check_sum(const char* fn, const RankOneSum<T>& a) {
   const Index K = a.U.cols();
@@ -133,16 +133,16 @@ std::pair<RowMatrix<T>, RowMatrix<T>> pack_active(const RankOneSum<T>& a) {
   }
   return {std::move(Ua), std::move(Va)};
 }
-}  // namespace detail
+}  // namespace variants_detail
 
 /// Dense `sum_{i active} s_i u_i v_i^T`, in the base layout, precision `T`.
 /// Cost: `2 out in k` flops for k active components. \throws Error if the sum is inconsistent.
 template <class T>
 [[nodiscard]] RowMatrix<T> dense_delta(const RankOneSum<T>& a) {
-  detail::check_sum("lowrank::adapt::dense_delta(RankOneSum)", a);
-  const auto [Ua, Va] = detail::pack_active(a);
+  variants_detail::check_sum("lowrank::adapt::dense_delta(RankOneSum)", a);
+  const auto [Ua, Va] = variants_detail::pack_active(a);
   RowMatrix<T> d = Ua * Va.transpose();
-  return detail::in_layout<T>(std::move(d), a.layout);
+  return variants_detail::in_layout<T>(std::move(d), a.layout);
 }
 
 /// Branch output `sum_{i active} s_i (X v_i) u_i^T` for `X` (`tokens x in`), `tokens x out`.
@@ -150,9 +150,9 @@ template <class T>
 template <class T, class DX>
 [[nodiscard]] RowMatrix<T> adapter_output(const RankOneSum<T>& a, const Eigen::MatrixBase<DX>& X) {
   constexpr const char* fn = "lowrank::adapt::adapter_output(RankOneSum)";
-  detail::check_sum(fn, a);
-  detail::check_input(fn, X, a.in_features());
-  const auto [Ua, Va] = detail::pack_active(a);
+  variants_detail::check_sum(fn, a);
+  variants_detail::check_input(fn, X, a.in_features());
+  const auto [Ua, Va] = variants_detail::pack_active(a);
   RowMatrix<T> t = X.template cast<T>() * Va;
   return t * Ua.transpose();
 }
@@ -163,11 +163,11 @@ template <class T, class DX>
 template <SupportedScalar TW, class T>
 void merge(WeightView<TW> W, const RankOneSum<T>& a, const RankUpdateOptions& options = {}, double weight = 1.0) {
   constexpr const char* fn = "lowrank::adapt::merge(RankOneSum)";
-  detail::check_sum(fn, a);
-  detail::check_weight_shape(fn, "W", W, a.out_features(), a.in_features());
-  detail::check_finite_scalar(fn, "weight", weight);
+  variants_detail::check_sum(fn, a);
+  variants_detail::check_weight_shape(fn, "W", W, a.out_features(), a.in_features());
+  variants_detail::check_finite_scalar(fn, "weight", weight);
   if (a.active_count() == 0) return;
-  const auto [Ua, Va] = detail::pack_active(a);
+  const auto [Ua, Va] = variants_detail::pack_active(a);
   rank_update(W, view(Ua), view(Va), weight, options);
 }
 
@@ -175,7 +175,7 @@ void merge(WeightView<TW> W, const RankOneSum<T>& a, const RankUpdateOptions& op
 /// \throws Error (W unchanged) on shape mismatch.
 template <SupportedScalar TW, class T>
 void unmerge(WeightView<TW> W, const RankOneSum<T>& a, const RankUpdateOptions& options = {}, double weight = 1.0) {
-  detail::check_finite_scalar("lowrank::adapt::unmerge(RankOneSum)", "weight", weight);
+  variants_detail::check_finite_scalar("lowrank::adapt::unmerge(RankOneSum)", "weight", weight);
   merge(W, a, options, -weight);
 }
 
@@ -194,9 +194,9 @@ struct RankOneSumGrad {
 template <class T, SupportedScalar TG>
 [[nodiscard]] RankOneSumGrad<T> gradients(const RankOneSum<T>& a, WeightView<TG> G) {
   constexpr const char* fn = "lowrank::adapt::gradients(RankOneSum)";
-  detail::check_sum(fn, a);
-  detail::check_weight_shape(fn, "G", G, a.out_features(), a.in_features());
-  const RowMatrix<double> g = detail::to_out_in_f64(G);
+  variants_detail::check_sum(fn, a);
+  variants_detail::check_weight_shape(fn, "G", G, a.out_features(), a.in_features());
+  const RowMatrix<double> g = variants_detail::to_out_in_f64(G);
   const Index K = a.size();
   RankOneSumGrad<T> r{RowMatrix<T>::Zero(a.out_features(), K), RowMatrix<T>::Zero(a.in_features(), K), Vector<T>::Zero(K)};
   for (Index i = a.frozen_prefix; i < K; ++i) {

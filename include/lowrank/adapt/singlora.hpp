@@ -60,7 +60,7 @@ struct SingLoraAdapter {
   [[nodiscard]] double scale_at(std::int64_t t) const { return scaling() * singlora_ramp(t, ramp_up_steps); }
 };
 
-namespace detail {
+namespace variants_detail {
 template <class T>
 void check_singlora(const char* fn, const SingLoraAdapter<T>& a) {
   if (a.out < 1 || a.in < 1) lowrank::detail::fail(fn, "out = {} and in = {} must be >= 1", a.out, a.in);
@@ -70,7 +70,7 @@ void check_singlora(const char* fn, const SingLoraAdapter<T>& a) {
   check_finite_scalar(fn, "alpha", a.alpha);
   if (a.ramp_up_steps < 0) lowrank::detail::fail(fn, "ramp_up_steps = {} must be >= 0", a.ramp_up_steps);
 }
-}  // namespace detail
+}  // namespace variants_detail
 
 /// SingLoRA init: `A` (`max(out, in) x r`) kaiming-uniform with `a = sqrt(5)` as torch does for
 /// a `(d, r)` tensor (fan_in = r), i.e. `A ~ U(-1/sqrt(r), 1/sqrt(r))`, entry `(i, j)` from
@@ -84,7 +84,7 @@ template <class T = float>
   constexpr const char* fn = "lowrank::adapt::init_singlora";
   if (out < 1 || in < 1 || r < 1 || r > std::max(out, in))
     lowrank::detail::fail(fn, "out = {}, in = {}, r = {}: need out, in >= 1 and 1 <= r <= max(out, in)", out, in, r);
-  detail::check_finite_scalar(fn, "alpha", alpha);
+  variants_detail::check_finite_scalar(fn, "alpha", alpha);
   if (ramp_up_steps < 0) lowrank::detail::fail(fn, "ramp_up_steps = {} must be >= 0", ramp_up_steps);
   SingLoraAdapter<T> a;
   a.out = out;
@@ -109,10 +109,10 @@ template <class T = float>
 /// \throws Error if the adapter is inconsistent or `t < 0`.
 template <class T>
 [[nodiscard]] RowMatrix<T> dense_delta(const SingLoraAdapter<T>& a, std::int64_t t) {
-  detail::check_singlora("lowrank::adapt::dense_delta(SingLoraAdapter)", a);
+  variants_detail::check_singlora("lowrank::adapt::dense_delta(SingLoraAdapter)", a);
   const double s = a.scale_at(t);
   RowMatrix<T> d = static_cast<T>(s) * (a.A.topRows(a.out) * a.A.topRows(a.in).transpose());
-  return detail::in_layout<T>(std::move(d), a.layout);
+  return variants_detail::in_layout<T>(std::move(d), a.layout);
 }
 
 /// Adapter branch of the forward at step `t`: `s u(t) ((X A[:in]) A[:out]^T)` for `X`
@@ -120,8 +120,8 @@ template <class T>
 template <class T, class DX>
 [[nodiscard]] RowMatrix<T> adapter_output(const SingLoraAdapter<T>& a, const Eigen::MatrixBase<DX>& X, std::int64_t t) {
   constexpr const char* fn = "lowrank::adapt::adapter_output(SingLoraAdapter)";
-  detail::check_singlora(fn, a);
-  detail::check_input(fn, X, a.in);
+  variants_detail::check_singlora(fn, a);
+  variants_detail::check_input(fn, X, a.in);
   const double s = a.scale_at(t);
   RowMatrix<T> h = X.template cast<T>() * a.A.topRows(a.in);
   return static_cast<T>(s) * (h * a.A.topRows(a.out).transpose());
@@ -133,10 +133,10 @@ template <SupportedScalar TW, class T, class DX>
 [[nodiscard]] RowMatrix<T> forward(WeightView<TW> W, const SingLoraAdapter<T>& a, const Eigen::MatrixBase<DX>& X,
                                    std::int64_t t, const T* bias = nullptr) {
   constexpr const char* fn = "lowrank::adapt::forward(SingLoraAdapter)";
-  detail::check_singlora(fn, a);
-  detail::check_weight_shape(fn, "W", W, a.out, a.in);
-  detail::check_input(fn, X, a.in);
-  RowMatrix<T> Y = detail::base_output<T>(W, X) + adapter_output(a, X, t);
+  variants_detail::check_singlora(fn, a);
+  variants_detail::check_weight_shape(fn, "W", W, a.out, a.in);
+  variants_detail::check_input(fn, X, a.in);
+  RowMatrix<T> Y = variants_detail::base_output<T>(W, X) + adapter_output(a, X, t);
   if (bias != nullptr)
     for (Index i = 0; i < Y.rows(); ++i)
       for (Index j = 0; j < Y.cols(); ++j) Y(i, j) += bias[j];
@@ -148,8 +148,8 @@ template <SupportedScalar TW, class T, class DX>
 template <SupportedScalar TW, class T>
 void merge(WeightView<TW> W, const SingLoraAdapter<T>& a, std::int64_t t, const RankUpdateOptions& options = {}) {
   constexpr const char* fn = "lowrank::adapt::merge(SingLoraAdapter)";
-  detail::check_singlora(fn, a);
-  detail::check_weight_shape(fn, "W", W, a.out, a.in);
+  variants_detail::check_singlora(fn, a);
+  variants_detail::check_weight_shape(fn, "W", W, a.out, a.in);
   const double s = a.scale_at(t);
   const RowMatrix<T> U = a.A.topRows(a.out);
   const RowMatrix<T> V = a.A.topRows(a.in);
@@ -161,8 +161,8 @@ void merge(WeightView<TW> W, const SingLoraAdapter<T>& a, std::int64_t t, const 
 template <SupportedScalar TW, class T>
 void unmerge(WeightView<TW> W, const SingLoraAdapter<T>& a, std::int64_t t, const RankUpdateOptions& options = {}) {
   constexpr const char* fn = "lowrank::adapt::unmerge(SingLoraAdapter)";
-  detail::check_singlora(fn, a);
-  detail::check_weight_shape(fn, "W", W, a.out, a.in);
+  variants_detail::check_singlora(fn, a);
+  variants_detail::check_weight_shape(fn, "W", W, a.out, a.in);
   const double s = a.scale_at(t);
   const RowMatrix<T> U = a.A.topRows(a.out);
   const RowMatrix<T> V = a.A.topRows(a.in);

@@ -1,7 +1,7 @@
 /// \file
 /// Internal helpers shared by the adapter variants (`lora_xs.hpp`, `singlora.hpp`, `mora.hpp`,
 /// `dora.hpp`, `selector.hpp`): weight views to fp64 `out x in` copies, dense additions into any
-/// storage type with one rounding, shape and finiteness checks. Namespace `lowrank::adapt::detail`.
+/// storage type with one rounding, shape and finiteness checks. Namespace `lowrank::adapt::variants_detail`.
 #pragma once
 
 #include <cmath>
@@ -21,7 +21,7 @@
 
 LOWRANK_BEGIN_NAMESPACE
 
-namespace adapt::detail {
+namespace adapt::variants_detail {
 
 /// Factor precisions the variants accept.
 template <class T>
@@ -119,6 +119,6 @@ void check_input(const char* fn, const Eigen::MatrixBase<DX>& X, Index in) {
   if (X.cols() != in) lowrank::detail::fail(fn, "X is {}x{} but the adapter has in={}", X.rows(), X.cols(), in);
 }
 
-}  // namespace adapt::detail
+}  // namespace adapt::variants_detail
 
 LOWRANK_END_NAMESPACE
