@@ -201,6 +201,7 @@ namespace adapt {
 /// (default: the factor type `T`). Cost: `2 out in r` flops and one `out x in` allocation.
 /// \throws Error for an invalid adapter or a non-finite `weight`.
 template <class Out = void, FactorScalar T>
+  requires(std::is_void_v<Out> || SupportedScalar<Out>)
 [[nodiscard]] RowMatrix<std::conditional_t<std::is_void_v<Out>, T, Out>> dense_delta(const LoraAdapter<T>& adapter,
                                                                                     double weight = 1.0) {
   using R = std::conditional_t<std::is_void_v<Out>, T, Out>;
