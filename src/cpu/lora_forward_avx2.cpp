@@ -14,6 +14,7 @@ namespace lora_forward_avx2_isa {
 
 struct Ops {
   using V = __m256;
+  static constexpr int kRegisters = 16;  // vector registers (tile shapes)
   static constexpr int kLanes = 8;
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float x) { return _mm256_set1_ps(x); }

@@ -14,6 +14,7 @@ namespace lora_forward_avx2_128_isa {
 
 struct Ops {
   using V = __m128;
+  static constexpr int kRegisters = 16;  // vector registers (tile shapes)
   static constexpr int kLanes = 4;
   static V zero() { return _mm_setzero_ps(); }
   static V set1(float x) { return _mm_set1_ps(x); }

@@ -13,6 +13,7 @@ namespace lora_forward_avx512_isa {
 
 struct Ops {
   using V = __m512;
+  static constexpr int kRegisters = 32;  // vector registers (tile shapes)
   static constexpr int kLanes = 16;
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float x) { return _mm512_set1_ps(x); }

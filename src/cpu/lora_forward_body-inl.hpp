@@ -57,22 +57,40 @@ template <class Ops, int MT, int NT, class S>
   }
 }
 
+// The reduction over k runs in chunks of kChunk (a multiple of every vector width), so that the
+// chunks of up to 16 x rows and NT w rows being multiplied stay in L1 (16 KiB + NT KiB at fp32);
+// between chunks the vector accumulators are parked in a small buffer, which leaves every
+// element's arithmetic unchanged.
+constexpr FIndex kChunk = 256;
+constexpr int kBlockTokens = 16;  // tokens whose accumulators are parked together
+
 template <class Ops, int MT, int NT, class S>
-inline void dot_tile(const DotArgs& a, FIndex t0, FIndex o0) {
+inline void dot_group_chunk(const DotArgs& a, typename Ops::V* buf, FIndex t0, FIndex o0, FIndex k0, FIndex k1,
+                            bool first) {
   using V = typename Ops::V;
   V acc[MT][NT];
 #pragma GCC unroll 8
   for (int m = 0; m < MT; ++m)
 #pragma GCC unroll 8
-    for (int n = 0; n < NT; ++n) acc[m][n] = Ops::zero();
+    for (int n = 0; n < NT; ++n) acc[m][n] = first ? Ops::zero() : buf[m * NT + n];
   const S* const w0 = static_cast<const S*>(a.w);
-  {
-    const float* x[MT];
-    const S* w[NT];
-    for (int m = 0; m < MT; ++m) x[m] = a.x + (t0 + m) * a.ldx;
-    for (int n = 0; n < NT; ++n) w[n] = w0 + (o0 + n) * a.ldw;
-    dot_accumulate<Ops, MT, NT, S>(acc, x, w, a.depth);
-  }
+  const float* x[MT];
+  const S* w[NT];
+  for (int m = 0; m < MT; ++m) x[m] = a.x + (t0 + m) * a.ldx + k0;
+  for (int n = 0; n < NT; ++n) w[n] = w0 + (o0 + n) * a.ldw + k0;
+  dot_accumulate<Ops, MT, NT, S>(acc, x, w, k1 - k0);
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NT; ++n) buf[m * NT + n] = acc[m][n];
+}
+
+template <class Ops, int MT, int NT>
+inline void dot_group_finish(const DotArgs& a, const typename Ops::V* buf, FIndex t0, FIndex o0) {
+  using V = typename Ops::V;
+  V acc[MT][NT];
+  for (int m = 0; m < MT; ++m)
+    for (int n = 0; n < NT; ++n) acc[m][n] = buf[m * NT + n];
   if (a.aug_depth > 0) {
     const float* x[MT];
     const float* w[NT];
@@ -88,16 +106,40 @@ inline void dot_tile(const DotArgs& a, FIndex t0, FIndex o0) {
     }
 }
 
-// NT output rows for every token: groups of four tokens, then the remainder.
+template <class Ops, int NT, class S>
+inline void dot_rest_chunk(const DotArgs& a, typename Ops::V* buf, FIndex rest, FIndex t0, FIndex o0, FIndex k0,
+                           FIndex k1, bool first) {
+  switch (rest) {
+    case 3: dot_group_chunk<Ops, 3, NT, S>(a, buf, t0, o0, k0, k1, first); break;
+    case 2: dot_group_chunk<Ops, 2, NT, S>(a, buf, t0, o0, k0, k1, first); break;
+    case 1: dot_group_chunk<Ops, 1, NT, S>(a, buf, t0, o0, k0, k1, first); break;
+    default: break;
+  }
+}
+
+// NT output rows for every token: blocks of up to 16 tokens, each in groups of four tokens and a
+// remainder group, chunk by chunk along k.
 template <class Ops, int NT, class S>
 void dot_all_tokens(const DotArgs& a, FIndex o0) {
-  FIndex t = 0;
-  for (; t + 4 <= a.tokens; t += 4) dot_tile<Ops, 4, NT, S>(a, t, o0);
-  switch (a.tokens - t) {
-    case 3: dot_tile<Ops, 3, NT, S>(a, t, o0); break;
-    case 2: dot_tile<Ops, 2, NT, S>(a, t, o0); break;
-    case 1: dot_tile<Ops, 1, NT, S>(a, t, o0); break;
-    default: break;
+  using V = typename Ops::V;
+  for (FIndex tb = 0; tb < a.tokens; tb += kBlockTokens) {
+    const FIndex nb = a.tokens - tb < kBlockTokens ? a.tokens - tb : kBlockTokens;
+    const FIndex full = nb / 4 * 4, rest = nb - full;
+    V buf[kBlockTokens * NT];
+    FIndex k0 = 0;
+    do {
+      const FIndex k1 = a.depth - k0 < kChunk ? a.depth : k0 + kChunk;
+      for (FIndex g = 0; g < full; g += 4) dot_group_chunk<Ops, 4, NT, S>(a, buf + g * NT, tb + g, o0, k0, k1, k0 == 0);
+      dot_rest_chunk<Ops, NT, S>(a, buf + full * NT, rest, tb + full, o0, k0, k1, k0 == 0);
+      k0 = k1;
+    } while (k0 < a.depth);
+    for (FIndex g = 0; g < full; g += 4) dot_group_finish<Ops, 4, NT>(a, buf + g * NT, tb + g, o0);
+    switch (rest) {
+      case 3: dot_group_finish<Ops, 3, NT>(a, buf + full * NT, tb + full, o0); break;
+      case 2: dot_group_finish<Ops, 2, NT>(a, buf + full * NT, tb + full, o0); break;
+      case 1: dot_group_finish<Ops, 1, NT>(a, buf + full * NT, tb + full, o0); break;
+      default: break;
+    }
   }
 }
 
@@ -105,14 +147,23 @@ template <class Ops, int NT, class S>
 void dot_rows(const DotArgs& a) {
   FIndex o = 0;
   for (; o + NT <= a.outs; o += NT) dot_all_tokens<Ops, NT, S>(a, o);
+  if constexpr (NT > 2) {
+    if (a.outs - o >= 2) {
+      dot_all_tokens<Ops, 2, S>(a, o);
+      o += 2;
+    }
+  }
   for (; o < a.outs; ++o) dot_all_tokens<Ops, 1, S>(a, o);
 }
 
-// Tile shapes by token count: 12 accumulators from 3 tokens up (4 x 3, 3 x 4), more output rows
-// for one or two tokens, where W streams from memory and each x vector serves NT rows.
+// Tile shapes by token count: 12 accumulators from 3 tokens up (4 x 3, 3 x 4; 4 x 6 with 32
+// vector registers), more output rows for one or two tokens, where W streams from memory and each
+// x vector serves NT rows.
 template <class Ops, class S>
 void dot_kernel(const DotArgs& a) {
-  if (a.tokens >= 4) {
+  if (a.tokens >= 4 && Ops::kRegisters >= 32) {
+    dot_rows<Ops, 6, S>(a);
+  } else if (a.tokens >= 4) {
     dot_rows<Ops, 3, S>(a);
   } else if (a.tokens == 3) {
     dot_rows<Ops, 4, S>(a);

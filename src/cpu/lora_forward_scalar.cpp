@@ -12,6 +12,7 @@ namespace lora_forward_scalar_isa {
 
 struct Ops {
   using V = float;
+  static constexpr int kRegisters = 16;  // vector registers (tile shapes)
   static constexpr int kLanes = 1;
   static V zero() { return 0.0f; }
   static V set1(float x) { return x; }
