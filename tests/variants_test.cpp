@@ -3,10 +3,13 @@
 // (SingLoRA, MoRA), plus selector sums and error handling.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Dense>
