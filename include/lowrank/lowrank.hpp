@@ -10,6 +10,7 @@
 #include "lowrank/core/scalar.hpp"
 #include "lowrank/core/threading.hpp"
 #include "lowrank/core/view.hpp"
+#include "lowrank/kernels/lora_forward.hpp"
 #include "lowrank/kernels/rank_update.hpp"
 #include "lowrank/kernels/targets.hpp"
 #include "lowrank/version.hpp"
