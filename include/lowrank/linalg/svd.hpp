@@ -214,7 +214,9 @@ concept SvdScalar = std::same_as<T, float> || std::same_as<T, double>;
 /// was achieved (both exact in exact arithmetic).
 ///
 /// Determinism: the same input (value, shape and storage order), rank and options give bitwise
-/// the same result on one build; singular vectors are defined up to sign.
+/// the same result on one build with the same Eigen thread setting (the test matrix never depends
+/// on threads; Eigen's GEMM may round differently when a consumer enables its OpenMP threads);
+/// singular vectors are defined up to sign.
 ///
 /// \throws Error (naming the argument and M's shape) if M is empty, rank is outside
 ///   [1, min(m, n)], options.oversample < 0, options.q < 0 or 0 < options.q < rank,
