@@ -468,6 +468,10 @@ TEST(Extract, BadInputIsRefusedAndLeavesNothing) {
   EXPECT_EQ(extract(o).written, 2u);
   EXPECT_FALSE(fs::exists(dir / "out" / "keep.txt"));
   EXPECT_TRUE(fs::exists(dir / "out" / "adapter_config.json"));
+  // "slash/" is the folder "slash": the temporary folder goes next to it.
+  EXPECT_EQ(lowrank::io::extract_adapter(dir / "base", dir / "tuned", (dir / "slash").string() + "/", o).written, 2u);
+  EXPECT_TRUE(fs::exists(dir / "slash" / "adapter_model.safetensors"));
+  for (const auto& name : dir.listing()) EXPECT_EQ(name.find("lowrank-"), std::string::npos) << "left behind: " << name;
 }
 
 TEST(Extract, Conv1dModelsTakeOnlyConv1dModules) {

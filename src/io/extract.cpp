@@ -259,8 +259,11 @@ std::optional<Layout> detect_layout(const fs::path& checkpoint, std::string* sou
   return conv1d ? Layout::in_out : Layout::out_in;
 }
 
-ExtractReport extract_adapter(const fs::path& base, const fs::path& tuned, const fs::path& out,
+ExtractReport extract_adapter(const fs::path& base, const fs::path& tuned, const fs::path& out_arg,
                               const ExtractOptions& options) {
+  // "adapter/" names the folder "adapter" (the temporary folder goes next to it, not inside).
+  fs::path out = out_arg.lexically_normal();
+  if (!out.has_filename() && out.has_parent_path()) out = out.parent_path();
   // ---- options and paths ----
   if (options.rank < 1) fail("extract", "the rank must be at least 1, not {}", options.rank);
   if (options.dtype != Dtype::F32 && options.dtype != Dtype::BF16) {
