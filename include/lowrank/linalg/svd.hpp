@@ -183,6 +183,14 @@ TruncatedSvd<Scalar> truncated_svd_impl(const Eigen::Ref<const ColMatrix<Scalar>
   return out;
 }
 
+// The float and double instantiations are compiled once into the lowrank library
+// (src/linalg/svd.cpp): Eigen's BDCSVD and JacobiSVD take minutes to compile in every translation
+// unit that would otherwise instantiate them.
+extern template TruncatedSvd<float> truncated_svd_impl<float>(
+    const Eigen::Ref<const ColMatrix<float>, 0, Eigen::OuterStride<>>&, bool, Index, const SvdOptions&);
+extern template TruncatedSvd<double> truncated_svd_impl<double>(
+    const Eigen::Ref<const ColMatrix<double>, 0, Eigen::OuterStride<>>&, bool, Index, const SvdOptions&);
+
 template <class T>
 concept SvdScalar = std::same_as<T, float> || std::same_as<T, double>;
 
