@@ -14,6 +14,7 @@
 #include "lowrank/core/threading.hpp"
 #include "lowrank/kernels/convert.hpp"
 #include "lowrank/kernels/targets.hpp"
+#include "view_checks-inl.hpp"
 
 #if defined(LOWRANK_HAVE_OPENMP)
 #include <omp.h>
@@ -36,42 +37,6 @@ const RankUpdateKernels& kernels_for(Target target) {
 #endif
     default: return rank_update_scalar;
   }
-}
-
-// ---- validation -------------------------------------------------------------------------------
-
-template <class T>
-void check_view(const char* fn, const char* name, const MatrixView<T>& v) {
-  if (v.rows < 0 || v.cols < 0) fail(fn, "{} has negative shape {}x{}", name, v.rows, v.cols);
-  if (v.empty()) return;
-  if (v.data == nullptr) fail(fn, "{} is {}x{} but its data pointer is null", name, v.rows, v.cols);
-  if ((v.rows > 1 && v.row_stride <= 0) || (v.cols > 1 && v.col_stride <= 0)) {
-    fail(fn, "{} ({}x{}) has strides ({}, {}); strides must be positive", name, v.rows, v.cols, v.row_stride,
-         v.col_stride);
-  }
-}
-
-// [first, last) bytes spanned by a non-empty view.
-template <class T>
-std::pair<std::uintptr_t, std::uintptr_t> byte_span(const MatrixView<T>& v) {
-  const auto first = reinterpret_cast<std::uintptr_t>(v.data);
-  const Index last_offset = (v.rows - 1) * v.row_stride + (v.cols - 1) * v.col_stride;
-  return {first, first + static_cast<std::uintptr_t>(last_offset + 1) * sizeof(T)};
-}
-
-template <class A, class B>
-bool spans_overlap(const MatrixView<A>& a, const MatrixView<B>& b) {
-  if (a.empty() || b.empty()) return false;
-  const auto [a0, a1] = byte_span(a);
-  const auto [b0, b1] = byte_span(b);
-  return a0 < b1 && b0 < a1;
-}
-
-// Elements of W must be distinct: one index's stride must step over the whole extent of the other.
-template <class T>
-bool self_overlapping(const MatrixView<T>& v) {
-  if (v.rows <= 1 || v.cols <= 1) return false;
-  return !(v.row_stride >= v.cols * v.col_stride || v.col_stride >= v.rows * v.row_stride);
 }
 
 // ---- packing ----------------------------------------------------------------------------------
