@@ -1,8 +1,5 @@
 #include "lowrank/io/extract.hpp"
 
-#include <stdlib.h>  // mkdtemp
-#include <sys/stat.h>
-
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -45,35 +42,6 @@ constexpr std::array<std::string_view, 4> kConv1dModules = {"c_attn", "c_proj", 
 std::string_view last_segment(std::string_view module) {
   const auto dot = module.rfind('.');
   return dot == std::string_view::npos ? module : module.substr(dot + 1);
-}
-
-// Removes a folder tree on destruction unless released.
-struct FolderGuard {
-  fs::path path;
-  FolderGuard() = default;
-  FolderGuard(const FolderGuard&) = delete;
-  FolderGuard& operator=(const FolderGuard&) = delete;
-  ~FolderGuard() {
-    if (!path.empty()) {
-      std::error_code ec;
-      fs::remove_all(path, ec);
-    }
-  }
-};
-
-bool inside(const fs::path& child, const fs::path& parent) {
-  std::error_code ec;
-  const fs::path c = fs::weakly_canonical(child, ec), p = fs::weakly_canonical(parent, ec);
-  auto ci = c.begin(), pi = p.begin();
-  for (; pi != p.end(); ++pi, ++ci) {
-    if (ci == c.end() || *ci != *pi) return false;
-  }
-  return true;
-}
-
-// The file a checkpoint entry lives in, for messages.
-std::string where(const Checkpoint& ck, const Checkpoint::Entry& e) {
-  return (ck.is_folder() ? ck.path() / e.shard->file_name : ck.path()).string();
 }
 
 // One targeted module, planned and validated.
@@ -192,41 +160,6 @@ void extract_one(const Item& item, const ExtractOptions& options, Layout layout,
     for (Index j = 0; j < in; ++j) result.A[static_cast<std::size_t>(k * in + j)] = static_cast<float>(svd.V(j, k));
 }
 
-// Creates `.<name>.lowrank-XXXXXX` next to `out`.
-fs::path make_temp_folder(const fs::path& out) {
-  fs::path parent = out.parent_path();
-  if (parent.empty()) parent = ".";
-  std::string name(1, '.');
-  name.append(out.filename().string()).append(".lowrank-XXXXXX");
-  std::string pattern = (parent / name).string();
-  if (::mkdtemp(pattern.data()) == nullptr) {
-    fail("extract", "cannot create a temporary folder in {}: {}", parent.string(), detail::last_error());
-  }
-  return pattern;
-}
-
-// Renames the finished temporary folder to `out`, replacing it if `replace`.
-void commit_folder(const fs::path& temp, const fs::path& out, bool replace) {
-  ::chmod(temp.c_str(), 0755);
-  std::error_code ec;
-  if (replace) {
-    const fs::path old = temp.string() + ".old";
-    fs::rename(out, old, ec);
-    if (ec) fail("extract", "cannot rename {} to {}: {}", out.string(), old.string(), ec.message());
-    fs::rename(temp, out, ec);
-    if (ec) {
-      const std::string why = ec.message();
-      fs::rename(old, out, ec);  // put the caller's folder back
-      fail("extract", "cannot rename {} to {}: {}", temp.string(), out.string(), why);
-    }
-    fs::remove_all(old, ec);
-    return;
-  }
-  if (fs::exists(out)) fs::remove(out, ec);  // an empty folder
-  fs::rename(temp, out, ec);
-  if (ec) fail("extract", "cannot rename {} to {}: {}", temp.string(), out.string(), ec.message());
-}
-
 }  // namespace
 
 bool is_embedding_like(std::string_view module) {
@@ -273,7 +206,7 @@ ExtractReport extract_adapter(const fs::path& base, const fs::path& tuned, const
   const Checkpoint cb = Checkpoint::open(base);
   const Checkpoint ct = Checkpoint::open(tuned);
   for (const fs::path& input : {base, tuned}) {
-    if (detail::same_file(out, input) || inside(out, input) || inside(input, out)) {
+    if (detail::same_file(out, input) || detail::inside(out, input) || detail::inside(input, out)) {
       fail("extract", "the output {} is, contains or is inside the input {}; choose another output", out.string(),
            input.string());
     }
@@ -342,16 +275,16 @@ ExtractReport extract_adapter(const fs::path& base, const fs::path& tuned, const
     }
     for (const auto& [t, ck, e] : std::array{std::tuple{&tb, &cb, &eb}, std::tuple{&tt, &ct, &et}}) {
       if (!is_float(t->dtype)) {
-        fail("extract", "{}: tensor \"{}\" is {}, not floating-point", where(*ck, *e), name, to_string(t->dtype));
+        fail("extract", "{}: tensor \"{}\" is {}, not floating-point", detail::where(*ck, *e), name, to_string(t->dtype));
       }
       if (t->shape.size() != 2) {
         fail("extract", "{}: tensor \"{}\" has shape {}; only 2-D weights (nn.Linear, Conv1D) can be extracted",
-             where(*ck, *e), name, shape_string(t->shape));
+             detail::where(*ck, *e), name, shape_string(t->shape));
       }
     }
     if (tb.shape != tt.shape) {
       fail("extract", "module {}: tensor \"{}\" has shape {} in BASE ({}) but {} in TUNED ({})", module, name,
-           shape_string(tb.shape), where(cb, eb), shape_string(tt.shape), where(ct, et));
+           shape_string(tb.shape), detail::where(cb, eb), shape_string(tt.shape), detail::where(ct, et));
     }
     if (detected && layout == Layout::in_out &&
         std::find(kConv1dModules.begin(), kConv1dModules.end(), last_segment(module)) == kConv1dModules.end()) {
@@ -460,9 +393,8 @@ ExtractReport extract_adapter(const fs::path& base, const fs::path& tuned, const
     fail("extract", "all {} targeted weights are identical in {} and {}; no adapter written", report.skipped,
          base.string(), tuned.string());
   }
-  const fs::path temp = make_temp_folder(out);
-  FolderGuard guard;
-  guard.path = temp;
+  const fs::path temp = detail::make_temp_folder(out, "extract");
+  detail::FolderGuard guard(temp);
   {
     SafetensorsWriter writer(temp / "adapter_model.safetensors", std::move(specs));
     std::vector<bf16> half;
@@ -494,7 +426,7 @@ ExtractReport extract_adapter(const fs::path& base, const fs::path& tuned, const
     file.commit();
   }
   (void)PeftAdapter::open(temp);  // what was written reads back as a valid adapter
-  commit_folder(temp, out, replace);
+  detail::commit_folder(temp, out, replace, "extract");
   guard.path.clear();
   return report;
 }

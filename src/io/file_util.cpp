@@ -1,5 +1,6 @@
 #include "file_util.hpp"
 
+#include <stdlib.h>  // mkdtemp
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -136,6 +137,62 @@ bool same_file(const std::filesystem::path& a, const std::filesystem::path& b) {
   struct stat sa {}, sb {};
   if (::stat(a.c_str(), &sa) != 0 || ::stat(b.c_str(), &sb) != 0) return false;
   return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+bool inside(const std::filesystem::path& child, const std::filesystem::path& parent) {
+  std::error_code ec;
+  const std::filesystem::path c = std::filesystem::weakly_canonical(child, ec);
+  const std::filesystem::path p = std::filesystem::weakly_canonical(parent, ec);
+  auto ci = c.begin(), pi = p.begin();
+  for (; pi != p.end(); ++pi, ++ci) {
+    if (ci == c.end() || *ci != *pi) return false;
+  }
+  return true;
+}
+
+std::string where(const Checkpoint& ck, const Checkpoint::Entry& e) {
+  return (ck.is_folder() ? ck.path() / e.shard->file_name : ck.path()).string();
+}
+
+FolderGuard::~FolderGuard() {
+  if (!path.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+}
+
+std::filesystem::path make_temp_folder(const std::filesystem::path& out, const char* fn) {
+  std::filesystem::path parent = out.parent_path();
+  if (parent.empty()) parent = ".";
+  std::string name(1, '.');
+  name.append(out.filename().string()).append(".lowrank-XXXXXX");
+  std::string pattern = (parent / name).string();
+  if (::mkdtemp(pattern.data()) == nullptr) {
+    lowrank::detail::fail(fn, "cannot create a temporary folder in {}: {}", parent.string(), last_error());
+  }
+  return pattern;
+}
+
+void commit_folder(const std::filesystem::path& temp, const std::filesystem::path& out, bool replace, const char* fn) {
+  namespace fs = std::filesystem;
+  ::chmod(temp.c_str(), 0755);
+  std::error_code ec;
+  if (replace) {
+    const fs::path old = temp.string() + ".old";
+    fs::rename(out, old, ec);
+    if (ec) lowrank::detail::fail(fn, "cannot rename {} to {}: {}", out.string(), old.string(), ec.message());
+    fs::rename(temp, out, ec);
+    if (ec) {
+      const std::string why = ec.message();
+      fs::rename(old, out, ec);  // put the caller's folder back
+      lowrank::detail::fail(fn, "cannot rename {} to {}: {}", temp.string(), out.string(), why);
+    }
+    fs::remove_all(old, ec);
+    return;
+  }
+  if (fs::exists(out)) fs::remove(out, ec);  // an empty folder
+  fs::rename(temp, out, ec);
+  if (ec) lowrank::detail::fail(fn, "cannot rename {} to {}: {}", temp.string(), out.string(), ec.message());
 }
 
 }  // namespace io::detail

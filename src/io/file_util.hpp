@@ -6,8 +6,10 @@
 #include <filesystem>
 #include <span>
 #include <string>
+#include <utility>
 
 #include "lowrank/core/config.hpp"
+#include "lowrank/io/checkpoint.hpp"
 
 LOWRANK_BEGIN_NAMESPACE
 namespace io::detail {
@@ -69,6 +71,30 @@ std::string read_small_file(const std::filesystem::path& file, std::uint64_t lim
 
 /// True if `a` and `b` name the same existing file (same device and inode).
 bool same_file(const std::filesystem::path& a, const std::filesystem::path& b);
+
+/// True if `child` is `parent` or lies inside it (compared after `weakly_canonical`).
+bool inside(const std::filesystem::path& child, const std::filesystem::path& parent);
+
+/// The file a checkpoint entry lives in (its shard for a folder), for messages.
+std::string where(const Checkpoint& ck, const Checkpoint::Entry& e);
+
+/// Removes a folder tree on destruction unless `path` was cleared.
+struct FolderGuard {
+  std::filesystem::path path;
+  FolderGuard() = default;
+  explicit FolderGuard(std::filesystem::path p) noexcept : path(std::move(p)) {}
+  FolderGuard(const FolderGuard&) = delete;
+  FolderGuard& operator=(const FolderGuard&) = delete;
+  ~FolderGuard();
+};
+
+/// Creates the folder `.<name>.lowrank-XXXXXX` next to `out`; throws Error naming `fn` on failure.
+std::filesystem::path make_temp_folder(const std::filesystem::path& out, const char* fn);
+
+/// Renames the finished temporary folder `temp` (made 0755) to `out`, replacing `out` if
+/// `replace` (the caller's folder is put back if the final rename fails), else replacing an empty
+/// folder there; throws Error naming `fn` on failure.
+void commit_folder(const std::filesystem::path& temp, const std::filesystem::path& out, bool replace, const char* fn);
 
 }  // namespace io::detail
 LOWRANK_END_NAMESPACE

@@ -1,8 +1,6 @@
 #include "lowrank/io/merge.hpp"
 
-#include <stdlib.h>  // mkdtemp
 #include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -55,27 +53,6 @@ struct Plan {
   Layout layout = Layout::out_in;
   Factors factors;
 };
-
-// Removes a folder tree on destruction unless released.
-struct FolderGuard {
-  fs::path path;
-  ~FolderGuard() {
-    if (!path.empty()) {
-      std::error_code ec;
-      fs::remove_all(path, ec);
-    }
-  }
-};
-
-bool inside(const fs::path& child, const fs::path& parent) {
-  std::error_code ec;
-  const fs::path c = fs::weakly_canonical(child, ec), p = fs::weakly_canonical(parent, ec);
-  auto ci = c.begin(), pi = p.begin();
-  for (; pi != p.end(); ++pi, ++ci) {
-    if (ci == c.end() || *ci != *pi) return false;
-  }
-  return true;
-}
 
 template <class T>
 bool finite_value(T x) {
@@ -385,7 +362,7 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter, const f
   fs::path out = out_arg;
   if (!ck.is_folder() && fs::is_directory(out)) out /= base.filename();
   for (const fs::path& input : {base, ad.folder()}) {
-    if (detail::same_file(out, input) || inside(out, input)) {
+    if (detail::same_file(out, input) || detail::inside(out, input)) {
       fail("merge", "the output {} is or is inside the input {}; choose another output", out.string(), input.string());
     }
   }
@@ -399,7 +376,7 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter, const f
            m.base_tensor);
     }
     const TensorInfo& t = *e.info;
-    const std::string where = (ck.is_folder() ? base / e.shard->file_name : base).string();
+    const std::string where = detail::where(ck, e);
     if (!is_float(t.dtype)) fail("merge", "{}: tensor \"{}\" is {}, not floating-point", where, t.name, to_string(t.dtype));
     const Layout layout = ad.config().fan_in_fan_out ? Layout::in_out : Layout::out_in;
     const std::vector<std::uint64_t> expected =
@@ -471,16 +448,8 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter, const f
   if (replace && !options.overwrite) {
     fail("merge", "the output folder {} exists and is not empty; remove it or allow overwriting (--force)", out.string());
   }
-  fs::path parent = out.parent_path();
-  if (parent.empty()) parent = ".";
-  std::string temp_name(1, '.');
-  temp_name.append(out.filename().string()).append(".lowrank-XXXXXX");
-  std::string pattern = (parent / temp_name).string();
-  if (::mkdtemp(pattern.data()) == nullptr) {
-    fail("merge", "cannot create a temporary folder in {}: {}", parent.string(), detail::last_error());
-  }
-  FolderGuard guard{pattern};
-  const fs::path temp = pattern;
+  const fs::path temp = detail::make_temp_folder(out, "merge");
+  detail::FolderGuard guard(temp);
   std::uint64_t total = 0;
   std::vector<std::pair<std::string, std::string>> weight_map;
   for (const auto& s : ck.shards()) {
@@ -500,26 +469,7 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter, const f
     copy.commit();
     report.files.push_back(name);
   }
-  ::chmod(temp.c_str(), 0755);
-  std::error_code ec;
-  auto move = [&](const fs::path& from, const fs::path& to) {
-    fs::rename(from, to, ec);
-    if (ec) fail("merge", "cannot rename {} to {}: {}", from.string(), to.string(), ec.message());
-  };
-  if (replace) {
-    const fs::path old = temp.string() + ".old";
-    move(out, old);
-    fs::rename(temp, out, ec);
-    if (ec) {
-      const std::string why = ec.message();
-      fs::rename(old, out, ec);  // put the caller's folder back
-      fail("merge", "cannot rename {} to {}: {}", temp.string(), out.string(), why);
-    }
-    fs::remove_all(old, ec);
-  } else {
-    if (fs::exists(out)) fs::remove(out, ec);  // an empty folder
-    move(temp, out);
-  }
+  detail::commit_folder(temp, out, replace, "merge");
   guard.path.clear();
   return report;
 }
