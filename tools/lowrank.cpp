@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -159,6 +160,24 @@ int inspect(const fs::path& path, bool as_json) {
   return 0;
 }
 
+// A progress callback for a terminal: a bar on stderr with the bytes done of `bytes_total` and the
+// `unit`s done (`done` of `total`), redrawn on a new percentage at most every 100 ms (always at 100%).
+template <class Progress>
+std::function<void(const Progress&)> progress_bar(const char* unit, std::size_t Progress::*done,
+                                                  std::size_t Progress::*total) {
+  return [unit, done, total, last = std::chrono::steady_clock::now(), shown = -1](const Progress& p) mutable {
+    const auto now = std::chrono::steady_clock::now();
+    const int pct = p.bytes_total ? static_cast<int>(100.0 * static_cast<double>(p.bytes_done) / static_cast<double>(p.bytes_total)) : 100;
+    if (pct == shown || (now - last < std::chrono::milliseconds(100) && pct != 100)) return;
+    shown = pct;
+    last = now;
+    const int bar = pct * 30 / 100;
+    fmt::print(stderr, "\r[{:#<{}}{:<{}}] {:3d}%  {} / {}  {} {}/{}", "", bar, "", 30 - bar, pct,
+               human_bytes(static_cast<double>(p.bytes_done)), human_bytes(static_cast<double>(p.bytes_total)), unit,
+               p.*done, p.*total);
+  };
+}
+
 struct MergeArgs {
   std::string base, adapter, out, dtype = "keep", rounding = "nearest";
   std::uint64_t seed = 0;
@@ -177,21 +196,7 @@ int merge(const MergeArgs& args) {
   o.overwrite = args.force;
   o.threads = args.threads;
   const bool tty = ::isatty(STDERR_FILENO) != 0;
-  auto last = std::chrono::steady_clock::now();
-  int shown = -1;
-  if (tty) {
-    o.progress = [&](const io::MergeProgress& p) {
-      const auto now = std::chrono::steady_clock::now();
-      const int pct = p.bytes_total ? static_cast<int>(100.0 * static_cast<double>(p.bytes_done) / static_cast<double>(p.bytes_total)) : 100;
-      if (pct == shown || (now - last < std::chrono::milliseconds(100) && pct != 100)) return;
-      shown = pct;
-      last = now;
-      const int bar = pct * 30 / 100;
-      fmt::print(stderr, "\r[{:#<{}}{:<{}}] {:3d}%  {} / {}  tensor {}/{}", "", bar, "", 30 - bar, pct,
-                 human_bytes(static_cast<double>(p.bytes_done)), human_bytes(static_cast<double>(p.bytes_total)),
-                 p.tensors_done, p.tensors_total);
-    };
-  }
+  if (tty) o.progress = progress_bar("tensor", &io::MergeProgress::tensors_done, &io::MergeProgress::tensors_total);
   const auto t0 = std::chrono::steady_clock::now();
   const auto report = io::merge_adapter(args.base, args.adapter, args.out, o);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -235,21 +240,7 @@ int extract(const ExtractArgs& args) {
   o.overwrite = args.force;
   o.threads = args.threads;
   const bool tty = ::isatty(STDERR_FILENO) != 0;
-  auto last = std::chrono::steady_clock::now();
-  int shown = -1;
-  if (tty) {
-    o.progress = [&](const io::ExtractProgress& p) {
-      const auto now = std::chrono::steady_clock::now();
-      const int pct = p.bytes_total ? static_cast<int>(100.0 * static_cast<double>(p.bytes_done) / static_cast<double>(p.bytes_total)) : 100;
-      if (pct == shown || (now - last < std::chrono::milliseconds(100) && pct != 100)) return;
-      shown = pct;
-      last = now;
-      const int bar = pct * 30 / 100;
-      fmt::print(stderr, "\r[{:#<{}}{:<{}}] {:3d}%  {} / {}  module {}/{}", "", bar, "", 30 - bar, pct,
-                 human_bytes(static_cast<double>(p.bytes_done)), human_bytes(static_cast<double>(p.bytes_total)),
-                 p.modules_done, p.modules_total);
-    };
-  }
+  if (tty) o.progress = progress_bar("module", &io::ExtractProgress::modules_done, &io::ExtractProgress::modules_total);
   const auto t0 = std::chrono::steady_clock::now();
   const auto report = io::extract_adapter(args.base, args.tuned, args.out, o);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
