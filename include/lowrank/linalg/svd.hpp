@@ -106,28 +106,34 @@ void randomized_svd_tall(const Mat& T, Index k, Index l, const SvdOptions& optio
   // of the l x l matrix Rb^T = Ur S Vr^T gives T ~= (Q Ur) S (Qb Vr)^T.
   Z.noalias() = T.transpose() * Q;
   const Eigen::HouseholderQR<ColMatrix<Scalar>> qr(Z);
-  const ColMatrix<Scalar> rt = qr.matrixQR().topRows(l).template triangularView<Eigen::Upper>().transpose();
-  const Eigen::BDCSVD<ColMatrix<Scalar>> small(rt, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  U.noalias() = Q * small.matrixU().leftCols(k);
+  // The small l x l SVD runs in double for either Scalar (one BDCSVD instantiation to compile,
+  // and no accuracy lost in the step that fixes S).
+  const ColMatrix<Scalar> r_upper = qr.matrixQR().topRows(l).template triangularView<Eigen::Upper>();
+  const ColMatrix<double> rt = r_upper.transpose().template cast<double>();
+  const Eigen::BDCSVD<ColMatrix<double>> small(rt, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  U.noalias() = Q * small.matrixU().leftCols(k).template cast<Scalar>();
   const ColMatrix<Scalar> qb = qr.householderQ() * ColMatrix<Scalar>::Identity(s, l);
-  V.noalias() = qb * small.matrixV().leftCols(k);
-  S = small.singularValues().head(k);
+  V.noalias() = qb * small.matrixV().leftCols(k).template cast<Scalar>();
+  S = small.singularValues().head(k).template cast<Scalar>();
 }
 
-/// Exact SVD of A (any shape), truncated to k; returns the sum of the discarded S_i^2.
+/// Exact SVD of A (any shape), truncated to k; returns the sum of the discarded S_i^2. Computed in
+/// double for either Scalar (float input is widened exactly), so that only the double
+/// instantiations of Eigen's SVDs are compiled.
 template <class Scalar, class Mat>
 double exact_svd(const Mat& A, Index k, ColMatrix<Scalar>& U, Vector<Scalar>& S, ColMatrix<Scalar>& V) {
   const auto take = [&](const auto& svd) {
-    U = svd.matrixU().leftCols(k);
-    V = svd.matrixV().leftCols(k);
+    U = svd.matrixU().leftCols(k).template cast<Scalar>();
+    V = svd.matrixV().leftCols(k).template cast<Scalar>();
     const auto& all = svd.singularValues();
-    S = all.head(k);
-    return all.tail(all.size() - k).template cast<double>().squaredNorm();
+    S = all.head(k).template cast<Scalar>();
+    return all.tail(all.size() - k).squaredNorm();
   };
+  const ColMatrix<double> Ad = A.template cast<double>();
   if (std::min(A.rows(), A.cols()) <= 16) {
-    return take(Eigen::JacobiSVD<ColMatrix<Scalar>>(A, Eigen::ComputeThinU | Eigen::ComputeThinV));
+    return take(Eigen::JacobiSVD<ColMatrix<double>>(Ad, Eigen::ComputeThinU | Eigen::ComputeThinV));
   }
-  return take(Eigen::BDCSVD<ColMatrix<Scalar>>(A, Eigen::ComputeThinU | Eigen::ComputeThinV));
+  return take(Eigen::BDCSVD<ColMatrix<double>>(Ad, Eigen::ComputeThinU | Eigen::ComputeThinV));
 }
 
 /// `truncated_svd` on a column-major `A0` that holds M (`stored_transposed == false`) or M^T.
@@ -205,6 +211,7 @@ concept SvdScalar = std::same_as<T, float> || std::same_as<T, double>;
 ///     orth is the thin Q of a Householder QR;
 ///  3. T^T Q = Qb Rb (QR), SVD Rb^T = Ur S Vr^T (l x l), T ~= (Q Ur) S (Qb Vr)^T, truncated to k.
 /// Exact method: Eigen's `BDCSVD` (`JacobiSVD` if min(m, n) <= 16) with thin U and V, truncated.
+/// Both Eigen SVDs (the exact one and the small one of step 3) run in double for float input too.
 ///
 /// \tparam Derived any Eigen expression of float or double; it is evaluated once (a column-major
 ///   matrix, a row-major one, or a block of either with unit inner stride is used in place,
