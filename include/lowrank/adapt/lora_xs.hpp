@@ -24,6 +24,14 @@
 
 LOWRANK_BEGIN_NAMESPACE
 
+namespace adapt::variants_detail {
+/// The randomized SVD of LoRA-XS / LoRA-SB: range width q = r (no oversampling), as the reference code.
+template <class Options>
+linalg::SvdOptions svd_options_q_r(Index r, const Options& o) {
+  return linalg::SvdOptions{.q = r, .power_iterations = o.niter, .seed = o.seed, .stream = o.stream, .method = o.method};
+}
+}  // namespace adapt::variants_detail
+
 namespace adapt {
 
 /// A LoRA-XS / LoRA-SB adapter: effective weight `W_0 + s B R A` (`out x in`), stored in the base
@@ -180,13 +188,7 @@ template <class T = float, SupportedScalar TW>
   variants_detail::check_finite_scalar(fn, "scale", options.scale);
   variants_detail::check_finite_scalar(fn, "r_std", options.r_std);
   const RowMatrix<double> M = variants_detail::to_out_in_f64(W);
-  linalg::SvdOptions sopt;
-  sopt.q = r;
-  sopt.power_iterations = options.niter;
-  sopt.seed = options.seed;
-  sopt.stream = options.stream;
-  sopt.method = options.method;
-  const auto svd = linalg::truncated_svd(M, r, sopt);
+  const auto svd = linalg::truncated_svd(M, r, variants_detail::svd_options_q_r(r, options));
   LoraXsAdapter<T> a;
   a.scale = options.scale;
   a.layout = W.layout;
@@ -241,13 +243,7 @@ template <class T = float, SupportedScalar TG>
   if (options.step == LoraSbStep::sign)
     M = M.unaryExpr([](double g) { return g > 0 ? 1.0 : (g < 0 ? -1.0 : 0.0); });
   M *= -eta_eff;
-  linalg::SvdOptions sopt;
-  sopt.q = r;
-  sopt.power_iterations = options.niter;
-  sopt.seed = options.seed;
-  sopt.stream = options.stream;
-  sopt.method = options.method;
-  const auto svd = linalg::truncated_svd(M, r, sopt);
+  const auto svd = linalg::truncated_svd(M, r, variants_detail::svd_options_q_r(r, options));
   LoraXsAdapter<T> a;
   a.scale = options.scale;
   a.layout = G.layout;
