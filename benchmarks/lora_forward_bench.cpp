@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -116,7 +117,7 @@ double median(std::vector<double> v) {
   return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-// Every implementation once per iteration, in a rotating order; ratios of the medians.
+// Every implementation once per iteration, in a random order; ratios of the medians.
 void bm_ratios(benchmark::State& state, Index tokens, Index r, int threads) {
   set_threads(threads);
   Problem<float> p(tokens, r);
@@ -135,13 +136,18 @@ void bm_ratios(benchmark::State& state, Index tokens, Index r, int threads) {
     }
   };
   for (int w = 0; w < kCount; ++w) run(w);  // warm-up: workspaces, thread pools, caches
-  int rotation = 0;
+  // A fresh random order every iteration. A rotation keeps each implementation's predecessor:
+  // the fused forward always ran right after OpenBLAS, whose worker threads keep spinning after a
+  // call and, on the same cores, slowed it by 1.2x at 256 tokens on 2 threads (Zen 1 VM,
+  // 2026-11-27). In a random order every implementation follows every other one equally often and
+  // the medians shed the disturbed runs. (A pause after each call would let the workers go idle,
+  // but on the VM a 200 ms pause made the next call up to 3x slower, waking the idle vCPU.)
+  std::mt19937 shuffle_rng(12345);
+  int order[kCount];
+  for (int i = 0; i < kCount; ++i) order[i] = i;
   for (auto _ : state) {
-    for (int i = 0; i < kCount; ++i) {
-      const int which = (i + rotation) % kCount;
-      times[which].push_back(run(which));
-    }
-    ++rotation;
+    std::shuffle(order, order + kCount, shuffle_rng);
+    for (int which : order) times[which].push_back(run(which));
   }
   double m[kCount];
   for (int i = 0; i < kCount; ++i) m[i] = median(times[i]);

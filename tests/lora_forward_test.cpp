@@ -165,7 +165,11 @@ struct Shape {
 // outputs than an axpy column block (256), rank 1 and a rank above the lane counts.
 const Shape kShapes[] = {{1, 1, 1, 1},  {1, 7, 5, 2},    {3, 17, 9, 3},  {2, 33, 13, 16}, {17, 9, 19, 5},
                          {4, 16, 24, 4}, {5, 40, 7, 17}, {1, 65, 31, 1}, {17, 23, 261, 3},
-                         {18, 523, 10, 2}};  // the last: several k chunks (256) with a tail
+                         {18, 523, 10, 2},   // several k chunks (256) with a tail
+                         // The GEMM path (from lora_forward_gemm_tokens): ragged token panels
+                         // (MR 3, 4, 6, 8), ragged output panels (NR 4, 16, 32), k chunks with a
+                         // tail, more outputs than a column block (128).
+                         {70, 523, 37, 3},   {64, 9, 150, 16}};
 
 template <class TW>
 void check_reference(std::uint64_t seed) {
@@ -184,8 +188,11 @@ void check_reference(std::uint64_t seed) {
                                     wo == Order::col_major ? Order::col_major : Order::row_major, rng);
         std::vector<float> bias(static_cast<std::size_t>(s.out));
         for (auto& b : bias) b = static_cast<float>(std::normal_distribution<double>()(rng));
-        for (bool with_bias : {false, true}) {
-          auto y = make_output(s.tokens, s.out, with_bias ? Order::padded_col : Order::row_major, rng);
+        // Y row-major without bias, then with a bias in a padded row-major Y (the GEMM path's
+        // case) and in a column-major one (the one-pass kernel's strided stores).
+        for (Order yo : {Order::row_major, Order::padded_row, Order::padded_col}) {
+          const bool with_bias = yo != Order::row_major;
+          auto y = make_output(s.tokens, s.out, yo, rng);
           const std::vector<float> before = y.storage;
           LoraForwardOptions options;
           options.bias = with_bias ? bias.data() : nullptr;
@@ -275,10 +282,11 @@ TEST_P(LoraForward, MultiAdapterEqualsSum) {
 // rows without an adapter equal the base forward (exactly: the kernel's per-element arithmetic does
 // not depend on the rest of the batch).
 template <class TW>
-void check_mixed(Layout layout, Order wo, std::uint64_t seed) {
-  SCOPED_TRACE(testing::Message() << type_name<TW>() << " " << lowrank::to_string(layout) << " " << order_name(wo));
+void check_mixed(Layout layout, Order wo, std::uint64_t seed, Index tokens = 19) {
+  SCOPED_TRACE(testing::Message() << type_name<TW>() << " " << lowrank::to_string(layout) << " " << order_name(wo)
+                                  << " tokens " << tokens);
   std::mt19937_64 rng(seed);
-  const Index tokens = 19, in = 35, out = 27;
+  const Index in = 35, out = 27;
   const Weight<TW> w = make_weight<TW>(out, in, layout, wo, rng);
   const auto x = make_matrix<float>(tokens, in, Order::padded_row, rng);
   const Term t0 = make_term(out, in, 4, 0.5, Order::row_major, Order::row_major, rng);
@@ -319,6 +327,9 @@ TEST_P(LoraForward, MixedBatchEqualsSubBatches) {
   check_mixed<f16>(Layout::in_out, Order::padded_row, 10);
   check_mixed<float>(Layout::out_in, Order::both_strided, 11);
   check_mixed<double>(Layout::out_in, Order::row_major, 12);
+  // The GEMM path.
+  check_mixed<float>(Layout::out_in, Order::row_major, 14, 80);
+  check_mixed<bf16>(Layout::in_out, Order::row_major, 15, 80);
 }
 
 // A token gives the same bits alone or in any batch, with any thread count.
@@ -355,6 +366,66 @@ TEST_P(LoraForward, ResultsIndependentOfBatchAndThreads) {
   check_batch_and_thread_independence<float>(Layout::in_out);
   check_batch_and_thread_independence<bf16>(Layout::out_in);
   check_batch_and_thread_independence<f16>(Layout::in_out);
+}
+
+// The GEMM path (batches from lora_forward_gemm_tokens): a token gives the same bits in any such
+// batch and with any thread count; with an `in x out` weight also the same bits as alone (both
+// paths accumulate in index order); with an `out x in` weight alone it agrees to rounding (the
+// one-pass kernel accumulates in vector lanes).
+template <class TW>
+void check_gemm_batches(Layout layout) {
+  SCOPED_TRACE(testing::Message() << type_name<TW>() << " " << lowrank::to_string(layout));
+  std::mt19937_64 rng(16);
+  const Index tokens = 100, in = 300, out = 261, r = 7;
+  const Index small = lowrank::lora_forward_gemm_tokens;
+  ASSERT_LE(small + 10, tokens);
+  const Weight<TW> w = make_weight<TW>(out, in, layout, Order::row_major, rng);
+  const auto x = make_matrix<float>(tokens, in, Order::row_major, rng);
+  const Term term = make_term(out, in, r, 0.9, Order::row_major, Order::row_major, rng);
+  std::vector<float> bias(static_cast<std::size_t>(out));
+  for (auto& b : bias) b = static_cast<float>(std::normal_distribution<double>()(rng));
+  LoraForwardOptions options;
+  options.bias = bias.data();
+  auto forward = [&](Index t0, Index count, int threads) {
+    lowrank::set_num_threads(threads);
+    auto y = make_output(count, out, Order::row_major, rng);
+    const MatrixView<const float> xs(&x.view(t0, 0), count, in, x.view.row_stride, x.view.col_stride);
+    lowrank::lora_forward(xs, w.view(), cv(term.a.view), cv(term.b.view), term.scale, y.view, options);
+    return y;
+  };
+  const auto all1 = forward(0, tokens, 1);
+  expect_near_reference(all1.view, x.view, w, {&term}, bias.data());
+  const auto all2 = forward(0, tokens, 2);
+  const auto head = forward(0, small, 2);                  // tokens [0, small)
+  const auto tail = forward(tokens - small, small, 1);     // tokens [tokens - small, tokens)
+  for (Index t = 0; t < tokens; ++t)
+    for (Index o = 0; o < out; ++o) {
+      ASSERT_EQ(all1.view(t, o), all2.view(t, o)) << "threads, at (" << t << ", " << o << ")";
+      if (t < small) {
+        ASSERT_EQ(all1.view(t, o), head.view(t, o)) << "batch head, at (" << t << ", " << o << ")";
+      }
+      if (t >= tokens - small) {
+        ASSERT_EQ(all1.view(t, o), tail.view(t - (tokens - small), o)) << "batch tail, at (" << t << ", " << o << ")";
+      }
+    }
+  for (Index t : {0, 57, 99}) {
+    const auto one = forward(t, 1, 1);
+    for (Index o = 0; o < out; ++o) {
+      if (layout == Layout::in_out) {
+        ASSERT_EQ(one.view(0, o), all1.view(t, o)) << "alone, at (" << t << ", " << o << ")";
+      } else {
+        ASSERT_NEAR(one.view(0, o), all1.view(t, o), 1e-4 * (1 + std::abs(all1.view(t, o))))
+            << "alone, at (" << t << ", " << o << ")";
+      }
+    }
+  }
+}
+
+TEST_P(LoraForward, GemmPathIndependentOfBatchAndThreads) {
+  check_gemm_batches<float>(Layout::out_in);
+  check_gemm_batches<float>(Layout::in_out);
+  check_gemm_batches<bf16>(Layout::out_in);
+  check_gemm_batches<f16>(Layout::in_out);
 }
 
 TEST_P(LoraForward, EmptyShapes) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "lowrank/core/config.hpp"
+#include "lowrank/kernels/targets.hpp"
 
 LOWRANK_BEGIN_NAMESPACE
 namespace detail {
@@ -48,6 +49,9 @@ extern const RankUpdateKernels rank_update_avx2_128;
 #if defined(LOWRANK_HAVE_AVX512)
 extern const RankUpdateKernels rank_update_avx512;
 #endif
+
+// The kernels of a target (scalar for targets not compiled in); defined in rank_update.cpp.
+const RankUpdateKernels& rank_update_kernels(Target target);
 
 }  // namespace detail
 LOWRANK_END_NAMESPACE

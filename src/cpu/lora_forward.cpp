@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernel_api.hpp"
 #include "lora_forward_api.hpp"
 #include "lowrank/core/error.hpp"
 #include "lowrank/core/threading.hpp"
@@ -53,8 +54,14 @@ struct Unit {  // rows [row0, row0 + rows) of term `term`'s A, for step 1
   Index term, row0, rows;
 };
 
+// GEMM path (from kGemmTokens tokens): X and T packed in panels of the rank-update micro-kernel's
+// MR tokens, W packed per block of kGemmCols outputs x kGemmDepth inputs (fits L2 with the
+// matching block of Y), the micro-kernel accumulating into Y itself.
+constexpr Index kGemmDepth = 256;
+constexpr Index kGemmCols = 128;
+
 struct ForwardWorkspace {
-  std::vector<float> x, t, a, b, acc;
+  std::vector<float> x, t, a, b, acc, xg, wg;
   std::vector<Index> offset;
   std::vector<const float*> a_ptr;
   std::vector<Index> a_ld;
@@ -82,6 +89,17 @@ DotKernel dot_for(const ForwardKernels& k) {
 }
 
 template <class TW>
+PackWKernel pack_w_for(const ForwardKernels& k) {
+  if constexpr (std::is_same_v<TW, bf16>) {
+    return k.pack_w_bf16;
+  } else if constexpr (std::is_same_v<TW, f16>) {
+    return k.pack_w_f16;
+  } else {
+    return k.pack_w_f32;
+  }
+}
+
+template <class TW>
 AxpyKernel axpy_for(const ForwardKernels& k) {
   if constexpr (std::is_same_v<TW, bf16>) {
     return k.axpy_bf16;
@@ -99,7 +117,7 @@ std::pair<Index, Index> thread_range(Index n, int id, int count, Index align) {
   return {begin, std::min(n, begin + chunk)};
 }
 
-enum class Path { dot, axpy, generic };
+enum class Path { dot, axpy, gemm, generic };
 
 template <class TW>
 void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, std::span<const LoraTerm> terms,
@@ -179,6 +197,9 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
       path = Path::axpy;
     }
   }
+  if (path != Path::generic && tokens >= lora_forward_gemm_tokens && (Y.col_stride == 1 || out == 1)) {
+    path = Path::gemm;
+  }
 
   ForwardWorkspace& ws = tls_forward;
   // X with unit column stride. Several tokens are also copied when rows are a multiple of 4 KiB
@@ -189,7 +210,7 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
   Index ldx = X.row_stride;
   float* xpack = nullptr;
   const bool aliased_rows = tokens > 1 && path != Path::generic && (X.row_stride * 4) % 4096 == 0;
-  if (X.col_stride != 1 || aliased_rows) {
+  if (X.col_stride != 1 || (aliased_rows && path != Path::gemm)) {
     ldx = round_up(in, 16) + 16;
     xpack = grow(ws.x, static_cast<std::size_t>(tokens * ldx));
     xp = xpack;
@@ -257,6 +278,21 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
       bp = grow(ws.b, static_cast<std::size_t>(path == Path::dot ? out * ldt : rank_len * out));
     }
   }
+  if (path == Path::gemm) bp = nullptr, pack_b = false;  // B is packed per block of outputs
+
+  // GEMM path buffers: X in chunks of kGemmDepth inputs, each chunk in panels of MR tokens
+  // ([depth][MR], zero rows past the last token). The last chunk carries `extra` more columns:
+  // the rank_len columns of T, then a column of ones when there is a bias (the bias is then the
+  // matching row of the packed W block: fma(1, bias, acc) rounds acc + bias once, as the other
+  // paths do). Per thread a W block of kGemmCols outputs.
+  const RankUpdateKernels& rk = rank_update_kernels(active_target());
+  const Index mr = rk.mr_f32, nr = rk.nr_f32;
+  const Index panels = (tokens + mr - 1) / mr;
+  const Index extra = rank_len + (options.bias != nullptr ? 1 : 0);
+  const Index last_k0 = (in - 1) / kGemmDepth * kGemmDepth;
+  const Index wg_size = (kGemmDepth + extra) * round_up(kGemmCols, nr);
+  float* xg = nullptr;
+  if (path == Path::gemm) xg = grow(ws.xg, static_cast<std::size_t>(panels * mr * (in + extra)));
   const Index out_pad = round_up(out, 16);
   float* acc = path == Path::axpy ? grow(ws.acc, static_cast<std::size_t>(std::min(tokens, kTokenBlock) * out_pad))
                                   : nullptr;
@@ -265,11 +301,13 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
   if (static_cast<double>(tokens) * static_cast<double>(in) * static_cast<double>(out) < (1 << 18)) threads = 1;
   if (path == Path::generic) threads = 1;
   threads = static_cast<int>(std::max<Index>(1, std::min<Index>(threads, (out + 23) / 24)));
+  float* wg = path == Path::gemm ? grow(ws.wg, static_cast<std::size_t>(threads * wg_size)) : nullptr;
 
   const DotKernel dot_w = dot_for<TW>(kern);
   const DotKernel dot_a = kern.dot_f32;
   const AxpyKernel axpy_w = axpy_for<TW>(kern);
   const AxpyKernel axpy_t = kern.axpy_f32;
+  const PackWKernel pack_w = pack_w_for<TW>(kern);
   const Unit* units = ws.units.data();
   const float** a_ptr = ws.a_ptr.data();
   const Index* a_ld = ws.a_ld.data();
@@ -298,6 +336,60 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
         for (Index k = 0; k < unit.rows; ++k)
           y[t * ldt + k] = static_cast<float>(scale * static_cast<double>(y[t * ldt + k]));
       t0 = t1;
+    }
+  };
+
+  // ---- GEMM path: packing of X and T, and the blocked product per thread ----
+  // Depth of the chunk starting at k0, extra columns included.
+  auto chunk_depth = [&](Index k0) { return std::min(kGemmDepth, in - k0) + (k0 == last_k0 ? extra : 0); };
+  auto pack_x_panel = [&](Index p) {
+    const Index t0 = p * mr, rows = std::min(mr, tokens - t0);
+    for (Index k0 = 0; k0 < in; k0 += kGemmDepth) {
+      const Index depth = std::min(kGemmDepth, in - k0);
+      float* dst = xg + k0 * panels * mr + p * mr * chunk_depth(k0);
+      for (Index k = 0; k < depth; ++k)
+        for (Index i = 0; i < mr; ++i) dst[k * mr + i] = i < rows ? X(t0 + i, k0 + k) : 0.0f;
+    }
+  };
+  auto pack_extra_panel = [&](Index p) {  // after T is computed
+    const Index t0 = p * mr, rows = std::min(mr, tokens - t0);
+    float* dst = xg + last_k0 * panels * mr + p * mr * chunk_depth(last_k0) + (in - last_k0) * mr;
+    for (Index k = 0; k < extra; ++k)
+      for (Index i = 0; i < mr; ++i) {
+        dst[k * mr + i] = i >= rows ? 0.0f : k < rank_len ? tbuf[(t0 + i) * ldt + k] : 1.0f;
+      }
+  };
+  // Y[:, ob:oe) = [X | T | 1] [W | B | bias]^T: every element is one fp32 chain of fmas in index
+  // order (the W part in chunks of kGemmDepth, then the rank_len columns of T, then the bias),
+  // stored between chunks.
+  auto run_gemm = [&](Index ob, Index oe, float* wblock) {
+    const Index ldy = Y.row_stride;
+    for (Index o0 = ob; o0 < oe; o0 += kGemmCols) {
+      const Index cols = std::min(kGemmCols, oe - o0);
+      for (Index t = 0; t < tokens; ++t) std::fill(Y.data + t * ldy + o0, Y.data + t * ldy + o0 + cols, 0.0f);
+      for (Index k0 = 0; k0 < in; k0 += kGemmDepth) {
+        const Index wdepth = std::min(kGemmDepth, in - k0), depth = chunk_depth(k0);
+        for (Index j = 0; j < cols; j += nr) {
+          float* panel = wblock + j * depth;
+          const Index width = std::min(nr, cols - j);
+          pack_w(PackWArgs{wo.data + (o0 + j) * wo.row_stride + k0 * wo.col_stride, wo.row_stride, wo.col_stride,
+                           width, wdepth, nr, panel});
+          if (depth == wdepth) continue;
+          // The extra rows: B's columns (zero between terms and past the last output), the bias.
+          float* rest = panel + wdepth * nr;
+          std::fill(rest, rest + extra * nr, 0.0f);
+          for (std::size_t q = 0; q < nterms; ++q)
+            for (Index k = 0; k < terms[q].B.cols; ++k)
+              for (Index c = 0; c < width; ++c) rest[(offset[q] + k) * nr + c] = terms[q].B(o0 + j + c, k);
+          if (options.bias != nullptr)
+            for (Index c = 0; c < width; ++c) rest[rank_len * nr + c] = options.bias[o0 + j + c];
+        }
+        const float* xchunk = xg + k0 * panels * mr;
+        for (Index p = 0; p < panels; ++p) {
+          rk.f32(xchunk + p * mr * depth, wblock, depth, Y.data + p * mr * ldy + o0, ldy, std::min(mr, tokens - p * mr),
+                 cols, mr * ldy);
+        }
+      }
     }
   };
 
@@ -371,10 +463,18 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
     }
   };
 
-  const Index align = path == Path::axpy ? 16 : 24;
+  const Index align = path == Path::gemm ? nr : path == Path::axpy ? 16 : 24;
   if (threads <= 1) {
     if (xpack != nullptr)
       for (Index t = 0; t < tokens; ++t) pack_x(t);
+    if (path == Path::gemm) {
+      for (Index p = 0; p < panels; ++p) pack_x_panel(p);
+      for (std::size_t u = 0; u < unit_count; ++u) compute_unit(units[u]);
+      if (extra > 0)
+        for (Index p = 0; p < panels; ++p) pack_extra_panel(p);
+      run_gemm(0, out, wg);
+      return;
+    }
     for (std::size_t u = 0; u < unit_count; ++u) compute_unit(units[u]);
     run_range(0, out);
     return;
@@ -386,10 +486,23 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
 #pragma omp for schedule(static)
       for (Index t = 0; t < tokens; ++t) pack_x(t);
     }
+    if (path == Path::gemm) {
+#pragma omp for schedule(static) nowait
+      for (Index p = 0; p < panels; ++p) pack_x_panel(p);
+    }
 #pragma omp for schedule(static)
     for (std::size_t u = 0; u < unit_count; ++u) compute_unit(units[u]);
-    const auto [ob, oe] = thread_range(out, omp_get_thread_num(), omp_get_num_threads(), align);
-    run_range(ob, oe);
+    const int id = omp_get_thread_num(), count = omp_get_num_threads();
+    const auto [ob, oe] = thread_range(out, id, count, align);
+    if (path == Path::gemm) {
+      if (extra > 0) {
+#pragma omp for schedule(static)
+        for (Index p = 0; p < panels; ++p) pack_extra_panel(p);
+      }
+      if (ob < oe) run_gemm(ob, oe, wg + id * wg_size);
+    } else {
+      run_range(ob, oe);
+    }
   }
 #else
   (void)align;

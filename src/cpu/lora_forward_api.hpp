@@ -51,12 +51,28 @@ struct AxpyArgs {
   FIndex ldacc;
 };
 
+// Packing of W for the GEMM path (many tokens): for j < nr, k < depth,
+//   dst[k*nr + j] = W element (j, k) widened to fp32, at w[j*rs + k*cs], for j < rows; 0 for j >= rows.
+// (j runs over output features, k over input features: a kc x nr micro-panel of W^T, as the
+// rank-update micro-kernel takes its B operand.)
+struct PackWArgs {
+  const void* w;
+  FIndex rs;
+  FIndex cs;
+  FIndex rows;
+  FIndex depth;
+  FIndex nr;
+  float* dst;
+};
+
 using DotKernel = void (*)(const DotArgs&);
 using AxpyKernel = void (*)(const AxpyArgs&);
+using PackWKernel = void (*)(const PackWArgs&);
 
 struct ForwardKernels {
   DotKernel dot_f32, dot_bf16, dot_f16;
   AxpyKernel axpy_f32, axpy_bf16, axpy_f16;
+  PackWKernel pack_w_f32, pack_w_bf16, pack_w_f16;
 };
 
 // Defined in src/cpu/lora_forward_<isa>.cpp; constant-initialized.

@@ -35,6 +35,7 @@ struct Ops {
   }
 };
 
+#include "quad_x86-inl.hpp"
 #include "lora_forward_body-inl.hpp"
 
 }  // namespace lora_forward_avx2_128_isa

@@ -37,6 +37,7 @@ struct Ops {
   }
 };
 
+#include "quad_x86-inl.hpp"
 #include "lora_forward_body-inl.hpp"
 
 }  // namespace lora_forward_avx512_isa

@@ -245,6 +245,48 @@ void axpy_kernel(const AxpyArgs& a) {
   for (; k < a.depth; ++k) axpy_all_tokens<Ops, 1, S>(a, k);
 }
 
+// ---- packing of W for the GEMM path ------------------------------------------------------------
+// The TU also defines struct Quad { Q; load(const S*) (4 consecutive elements widened), store,
+// transpose(a, b, c, d) (4 x 4, in place) }.
+
+inline float widen(float x) { return x; }
+inline float widen(Bf16 x) { return bf16_bits_to_f32(x.bits); }
+inline float widen(F16 x) { return f16_bits_to_f32(x.bits); }
+
+template <class S>
+void pack_w_kernel(const PackWArgs& p) {
+  const S* const w = static_cast<const S*>(p.w);
+  float* const d = p.dst;
+  const FIndex nr = p.nr, depth = p.depth, rs = p.rs, cs = p.cs;
+  if (p.rows == nr && nr % 4 == 0 && cs == 1) {
+    // Rows of W contiguous along k (nn.Linear): 4 x 4 transposes.
+    for (FIndex j = 0; j < nr; j += 4) {
+      const S* const r0 = w + j * rs;
+      FIndex k = 0;
+      for (; k + 4 <= depth; k += 4) {
+        typename Quad::Q a = Quad::load(r0 + k), b = Quad::load(r0 + rs + k), c = Quad::load(r0 + 2 * rs + k),
+                         e = Quad::load(r0 + 3 * rs + k);
+        Quad::transpose(a, b, c, e);
+        Quad::store(d + k * nr + j, a);
+        Quad::store(d + (k + 1) * nr + j, b);
+        Quad::store(d + (k + 2) * nr + j, c);
+        Quad::store(d + (k + 3) * nr + j, e);
+      }
+      for (; k < depth; ++k)
+        for (FIndex i = 0; i < 4; ++i) d[k * nr + j + i] = widen(r0[i * rs + k]);
+    }
+    return;
+  }
+  if (p.rows == nr && nr % 4 == 0 && rs == 1) {
+    // Rows of W contiguous along j (Conv1D): copies.
+    for (FIndex k = 0; k < depth; ++k)
+      for (FIndex j = 0; j < nr; j += 4) Quad::store(d + k * nr + j, Quad::load(w + k * cs + j));
+    return;
+  }
+  for (FIndex k = 0; k < depth; ++k)
+    for (FIndex j = 0; j < nr; ++j) d[k * nr + j] = j < p.rows ? widen(w[j * rs + k * cs]) : 0.0f;
+}
+
 inline void dot_f32(const DotArgs& a) { dot_kernel<Ops, float>(a); }
 inline void dot_bf16(const DotArgs& a) { dot_kernel<Ops, Bf16>(a); }
 inline void dot_f16(const DotArgs& a) { dot_kernel<Ops, F16>(a); }
@@ -252,4 +294,5 @@ inline void axpy_f32(const AxpyArgs& a) { axpy_kernel<Ops, float>(a); }
 inline void axpy_bf16(const AxpyArgs& a) { axpy_kernel<Ops, Bf16>(a); }
 inline void axpy_f16(const AxpyArgs& a) { axpy_kernel<Ops, F16>(a); }
 
-constexpr ForwardKernels kForwardKernels{&dot_f32, &dot_bf16, &dot_f16, &axpy_f32, &axpy_bf16, &axpy_f16};
+constexpr ForwardKernels kForwardKernels{&dot_f32,  &dot_bf16, &dot_f16, &axpy_f32, &axpy_bf16, &axpy_f16,
+                                         &pack_w_kernel<float>, &pack_w_kernel<Bf16>, &pack_w_kernel<F16>};

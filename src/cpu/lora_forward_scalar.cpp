@@ -24,6 +24,29 @@ struct Ops {
   static float hsum(V x) { return x; }
 };
 
+// Four lanes as plain floats (the packing of W for the GEMM path).
+struct Quad {
+  struct Q {
+    float v[4];
+  };
+  template <class S>
+  static Q load(const S* p) {
+    return {{Ops::load(p), Ops::load(p + 1), Ops::load(p + 2), Ops::load(p + 3)}};
+  }
+  static void store(float* p, const Q& x) {
+    for (int i = 0; i < 4; ++i) p[i] = x.v[i];
+  }
+  static void transpose(Q& a, Q& b, Q& c, Q& d) {
+    Q* q[4] = {&a, &b, &c, &d};
+    for (int i = 0; i < 4; ++i)
+      for (int j = i + 1; j < 4; ++j) {
+        const float t = q[i]->v[j];
+        q[i]->v[j] = q[j]->v[i];
+        q[j]->v[i] = t;
+      }
+  }
+};
+
 #include "lora_forward_body-inl.hpp"
 
 }  // namespace lora_forward_scalar_isa

@@ -26,18 +26,6 @@ namespace {
 
 #include "float_bits-inl.hpp"
 
-const RankUpdateKernels& kernels_for(Target target) {
-  switch (target) {
-#if defined(LOWRANK_HAVE_AVX512)
-    case Target::avx512: return rank_update_avx512;
-#endif
-#if defined(LOWRANK_HAVE_AVX2)
-    case Target::avx2: return rank_update_avx2;
-    case Target::avx2_128: return rank_update_avx2_128;
-#endif
-    default: return rank_update_scalar;
-  }
-}
 
 // ---- packing ----------------------------------------------------------------------------------
 
@@ -205,7 +193,7 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
          const RankUpdateOptions& options, bool transposed, std::uint64_t user_cols) {
   using C = compute_t<TW>;
   if (c.cols == 1) c.col_stride = 1;  // a single column is contiguous whatever its stride
-  const RankUpdateKernels& kern = kernels_for(active_target());
+  const RankUpdateKernels& kern = rank_update_kernels(active_target());
   const int mr = std::is_same_v<C, double> ? kern.mr_f64 : kern.mr_f32;
   const int nr = std::is_same_v<C, double> ? kern.nr_f64 : kern.nr_f32;
   const Index m = c.rows, n = c.cols, r = u.cols;
@@ -306,6 +294,20 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
 }
 
 }  // namespace
+
+const RankUpdateKernels& rank_update_kernels(Target target) {
+  switch (target) {
+#if defined(LOWRANK_HAVE_AVX512)
+    case Target::avx512: return rank_update_avx512;
+#endif
+#if defined(LOWRANK_HAVE_AVX2)
+    case Target::avx2: return rank_update_avx2;
+    case Target::avx2_128: return rank_update_avx2_128;
+#endif
+    default: return rank_update_scalar;
+  }
+}
+
 }  // namespace detail
 
 template <SupportedScalar TW, SupportedScalar TF>

@@ -23,6 +23,11 @@ struct LoraTerm {
   double scale = 1;           ///< finite
 };
 
+/// From this many tokens `lora_forward` runs a packed GEMM (see its arithmetic and determinism);
+/// below it, a one-pass kernel that reads W once per 16 tokens. Measured crossover on Zen 1: about
+/// 48 tokens (docs/performance.md).
+inline constexpr std::ptrdiff_t lora_forward_gemm_tokens = 64;
+
 /// Options of `lora_forward`, `lora_forward_mixed` and `linear_forward`.
 struct LoraForwardOptions {
   /// `out` contiguous floats added to every row of Y, or nullptr for none.
@@ -48,21 +53,29 @@ struct LoraForwardOptions {
 /// rounded to fp32, then multiplied by s and rounded once); then every output element is one
 /// accumulation of the `in` products `X(t, i) W(o, i)` followed by the `r` products
 /// `T(t, k) B(o, k)` (the low-rank term is folded into the base GEMM as `r` extra columns, so it
-/// costs 2 tokens r (in + out) flops and one read of A and B), then the bias is added. With a
-/// unit-stride `out x in` weight the accumulation runs in the target's vector lanes (lane l takes
-/// the indices congruent to l) and the lanes are summed in a fixed order; with a unit-stride
-/// `in x out` weight each element accumulates in index order. Weights with neither unit stride go
-/// through a slow scalar path.
+/// costs 2 tokens r (in + out) flops and one read of A and B), then the bias is added. Which
+/// accumulation depends on the path:
+/// - fewer than `lora_forward_gemm_tokens` tokens, unit-stride `out x in` weight (one-pass kernel,
+///   W read once per 16 tokens): in the target's vector lanes (lane l takes the indices congruent
+///   to l), the lanes summed in a fixed order at the end;
+/// - fewer than `lora_forward_gemm_tokens` tokens, unit-stride `in x out` weight, or from
+///   `lora_forward_gemm_tokens` tokens with either layout when Y has unit column stride (packed
+///   GEMM: X and W packed into the micro-kernel's panels, blocks of W that stay in L2): one fma
+///   chain in index order per element;
+/// - weights with neither unit stride: a slow scalar loop.
 ///
-/// Determinism: for a given target (`active_target()`), layout path and shapes, every output element
-/// is bitwise independent of the thread count, of the tiling and of the other tokens in the batch
-/// (a token gives the same bits alone or in any batch). The scalar target rounds products and sums
-/// separately, SIMD targets fuse them, so targets agree to rounding error, not bitwise.
+/// Determinism: for a given target (`active_target()`) and path, every output element is bitwise
+/// independent of the thread count, of the tiling and of the other tokens in the batch. So a token
+/// gives the same bits in any batch below `lora_forward_gemm_tokens`, and in any batch from it;
+/// across that boundary the two agree to rounding (`in x out` weights: bitwise, both paths
+/// accumulate in index order). The scalar target rounds products and sums separately, SIMD
+/// targets fuse them, so targets agree to rounding error, not bitwise.
 ///
 /// Cost: 2 tokens out in flops for the base plus 2 tokens r (in + out) for the low-rank term; one
-/// read of W per 16 tokens (memory-bound for a few tokens, compute-bound from about 8 on a
-/// desktop core). Allocation: the calling thread's workspace (T, packed factors, and for
-/// `Layout::in_out` an accumulator block) only grows; a warmed-up call does not allocate.
+/// read of W per 16 tokens below `lora_forward_gemm_tokens` (memory-bound for a few tokens,
+/// compute-bound from about 8 on a desktop core), one read and one packing of W from it.
+/// Allocation: the calling thread's workspace (T, packed operands, and for `Layout::in_out` an
+/// accumulator block) only grows; a warmed-up call does not allocate.
 ///
 /// \throws Error (Y unchanged) if shapes disagree, a stride is not positive, a non-empty view has a
 /// null pointer, scale is not finite, Y's elements overlap each other, or Y's memory overlaps X,
@@ -85,7 +98,8 @@ void lora_forward(MatrixView<const float> X, WeightView<const TW> W, std::span<c
 /// \f$ Y_t = X_t W^\top + s_{a(t)} (X_t A_{a(t)}^\top) B_{a(t)}^\top \f$ (+ bias).
 ///
 /// Each row equals (`==`; the sign of a zero may differ) the row of the single-adapter forward of
-/// its adapter, and a row without an adapter equals the base forward. `X A_j^T` is computed only
+/// its adapter over the same tokens, and a row without an adapter equals the base forward (the
+/// same path: see the determinism of `lora_forward`). `X A_j^T` is computed only
 /// for the tokens of adapter j; the B side costs the summed rank of all terms per token (their
 /// columns are zero for tokens of other adapters), so a batch over many adapters of large rank
 /// pays `2 tokens out sum_j r_j` flops there.
