@@ -16,6 +16,7 @@
 #include "lowrank/adapt/eva.hpp"
 #include "lowrank/linalg/ipca.hpp"
 #include "lowrank/linalg/subspace.hpp"
+#include "reference_linalg.hpp"
 
 #ifdef LOWRANK_TEST_DATA
 #include <filesystem>
@@ -93,9 +94,9 @@ BatchPca batch_pca(const RowMatrix<double>& X) {
   out.mean = X.colwise().mean().transpose();
   const RowMatrix<double> c = X.rowwise() - out.mean.transpose();
   out.var = c.array().square().colwise().sum().transpose() / static_cast<double>(X.rows());
-  const Eigen::JacobiSVD<ColMatrix<double>> svd(ColMatrix<double>(c), Eigen::ComputeThinV);
-  out.S = svd.singularValues();
-  out.components = svd.matrixV().transpose();
+  const lowrank_test::ReferenceSvd svd = lowrank_test::reference_svd(Eigen::MatrixXd(c));
+  out.S = svd.S;
+  out.components = svd.V.transpose();
   return out;
 }
 
@@ -819,10 +820,10 @@ void check_pissa_module(const SafetensorsFile& f, const std::string& key, const 
     // fixture PEFT's distance to the exact top-r product ranges over 0.0015 - 0.11 by module
     // (lowrank's: 0.001 - 0.04); a module-wise comparison is noise, so the bound is PEFT's own
     // worst case with a margin.
-    const Eigen::JacobiSVD<ColMatrix<double>> full(ColMatrix<double>(layout == lowrank::Layout::in_out ? RowMatrix<double>(W0.transpose()) : W0),
-                                                   Eigen::ComputeThinU | Eigen::ComputeThinV);
-    const RowMatrix<double> best = full.matrixU().leftCols(r) * full.singularValues().head(r).asDiagonal() *
-                                   full.matrixV().leftCols(r).transpose() / scaling;
+    const lowrank_test::ReferenceSvd full = lowrank_test::reference_svd(
+        Eigen::MatrixXd(layout == lowrank::Layout::in_out ? RowMatrix<double>(W0.transpose()) : W0));
+    const RowMatrix<double> best =
+        full.U.leftCols(r) * full.S.head(r).asDiagonal() * full.V.leftCols(r).transpose() / scaling;
     const double ours_err = (ours - best).norm() / best.norm(), peft_err = (theirs - best).norm() / best.norm();
     std::printf("    %s: distance to the exact top-r B A: lowrank %.3g, PEFT %.3g\n", key.c_str(), ours_err, peft_err);
     EXPECT_LT(ours_err, 0.15);

@@ -12,9 +12,10 @@
 #include <utility>
 #include <vector>
 
-#include <Eigen/Dense>
+#include <Eigen/Core>
 
 #include "lowrank/adapt/variants.hpp"
+#include "reference_linalg.hpp"
 
 namespace {
 
@@ -41,18 +42,15 @@ double max_abs(const Eigen::Ref<const Eigen::MatrixXd>& M) { return M.size() == 
 
 // Best rank-r approximation by a full Jacobi SVD (independent of lowrank::linalg).
 MatD best_rank(const MatD& M, Index r) {
-  Eigen::JacobiSVD<Eigen::MatrixXd> svd(M, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  return svd.matrixU().leftCols(r) * svd.singularValues().head(r).asDiagonal() * svd.matrixV().leftCols(r).transpose();
+  const lowrank_test::ReferenceSvd svd = lowrank_test::reference_svd(M);
+  return svd.U.leftCols(r) * svd.S.head(r).asDiagonal() * svd.V.leftCols(r).transpose();
 }
 
-Eigen::VectorXd singular_values(const MatD& M) {
-  Eigen::JacobiSVD<Eigen::MatrixXd> svd(M);
-  return svd.singularValues();
-}
+Eigen::VectorXd singular_values(const MatD& M) { return lowrank_test::reference_svd(M, false).S; }
 
 // Orthogonal projector onto the column span of P (full column rank).
 Eigen::MatrixXd projector(const Eigen::MatrixXd& P) {
-  return P * (P.transpose() * P).inverse() * P.transpose();
+  return P * lowrank_test::reference_solve(P.transpose() * P, P.transpose());
 }
 
 template <class F>
@@ -317,8 +315,7 @@ TEST(SingLora, SquareSymmetricPsd) {
   const auto a = adapt::init_singlora<double>(10, 10, 3, 4.0, 10, Layout::out_in, 8);
   const MatD d = adapt::dense_delta(a, 10);
   EXPECT_LT(max_abs(d - d.transpose()), 1e-15);
-  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(d);
-  EXPECT_GE(es.eigenvalues().minCoeff(), -1e-12);
+  EXPECT_GE(lowrank_test::reference_symmetric_eigenvalues(d).minCoeff(), -1e-12);
 }
 
 TEST(SingLora, NonSquareShapeIsOutByIn) {

@@ -111,7 +111,7 @@ AxpyKernel axpy_for(const ForwardKernels& k) {
 }
 
 // [begin, end) of `n` items for thread `id` of `count`, in chunks that are multiples of `align`.
-std::pair<Index, Index> thread_range(Index n, int id, int count, Index align) {
+[[maybe_unused]] std::pair<Index, Index> thread_range(Index n, int id, int count, Index align) {
   const Index chunk = round_up((n + count - 1) / count, align);
   const Index begin = std::min(n, chunk * id);
   return {begin, std::min(n, begin + chunk)};
