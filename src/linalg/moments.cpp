@@ -1,5 +1,5 @@
-// SecondMoment (include/lowrank/linalg/moments.hpp): fp64 accumulation of k k^T through the
-// rank-update kernel, block row by block row of the lower triangle.
+// SecondMoment (include/lowrank/linalg/moments.hpp): fp64 accumulation of k k^T with the
+// rank-update micro-kernel on the lower triangle (a SYRK).
 #include "lowrank/linalg/moments.hpp"
 
 #include <algorithm>
@@ -8,8 +8,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "../cpu/kernel_api.hpp"
 #include "lowrank/core/error.hpp"
-#include "lowrank/kernels/rank_update.hpp"
+#include "lowrank/core/threading.hpp"
+#include "lowrank/kernels/targets.hpp"
+
+#if defined(LOWRANK_HAVE_OPENMP)
+#include <omp.h>
+#endif
 
 LOWRANK_BEGIN_NAMESPACE
 
@@ -18,8 +24,8 @@ namespace {
 
 using detail::fail;
 
-constexpr Index kKeyChunk = 256;  // keys per rank update (the update's rank)
-constexpr Index kRowBlock = 256;  // rows of the lower triangle per update
+constexpr Index kKeyChunk = 256;  // keys per pass over the triangle (the depth of each tile)
+constexpr Index kColBlock = 128;  // columns of the triangle per block (B block of 256 KiB in fp64)
 
 template <class T>
 double widen(T x) {
@@ -30,20 +36,61 @@ double widen(T x) {
   }
 }
 
-// S (lower triangle) += K^T K for K `n x d` (any strides): rank-kKeyChunk updates of block rows.
+// S (lower triangle) += K^T K for K `n x d` (any strides), with the rank-update micro-kernel in
+// fp64. Per chunk of kKeyChunk keys the chunk is packed once, widened to fp64, both as MR-row
+// panels and NR-column blocks of K^T; then S^T, seen row-major (S^T(j, i) = S(i, j) at j d + i),
+// gets its upper part (i >= j, whole tiles from the diagonal on) one column block at a time, the
+// row panels of a block spread over the threads. Each element is one fma chain in key order per
+// chunk, so the bits do not depend on the thread count.
 template <class T>
 void syrk_lower(ColMatrix<double>& S, const MatrixView<const T>& K) {
   const Index d = S.rows();
+  const detail::RankUpdateKernels& rk = detail::rank_update_kernels(active_target());
+  const Index mr = rk.mr_f64, nr = rk.nr_f64;
+  const Index panels = (d + mr - 1) / mr, blocks = (d + nr - 1) / nr;
+  const Index depth_max = std::min(kKeyChunk, K.rows);
+  std::vector<double> apack(static_cast<std::size_t>(panels * mr * depth_max));
+  std::vector<double> bpack(static_cast<std::size_t>(blocks * nr * depth_max));
+  double* const s = S.data();
+  int threads = num_threads();
+  if (static_cast<double>(d) * static_cast<double>(d) * static_cast<double>(K.rows) < 1 << 20) threads = 1;
   for (Index k0 = 0; k0 < K.rows; k0 += kKeyChunk) {
     const Index nk = std::min(kKeyChunk, K.rows - k0);
-    // K^T restricted to keys [k0, k0 + nk): element (i, k) = K(k0 + k, i).
-    const T* base = K.data + k0 * K.row_stride;
-    for (Index i0 = 0; i0 < d; i0 += kRowBlock) {
-      const Index i1 = std::min(d, i0 + kRowBlock);
-      const MatrixView<double> W(S.data() + i0, i1 - i0, i1, 1, d);  // S[i0:i1, 0:i1]
-      const MatrixView<const T> U(base + i0 * K.col_stride, i1 - i0, nk, K.col_stride, K.row_stride);
-      const MatrixView<const T> V(base, i1, nk, K.col_stride, K.row_stride);
-      rank_update(W, U, V, 1.0);
+    double* const a = apack.data();
+    double* const b = bpack.data();
+#if defined(LOWRANK_HAVE_OPENMP)
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+    {
+#if defined(LOWRANK_HAVE_OPENMP)
+#pragma omp for schedule(static) nowait
+#endif
+      for (Index p = 0; p < panels; ++p) {
+        double* dst = a + p * mr * nk;
+        for (Index k = 0; k < nk; ++k)
+          for (Index r = 0; r < mr; ++r) dst[k * mr + r] = p * mr + r < d ? widen(K(k0 + k, p * mr + r)) : 0.0;
+      }
+#if defined(LOWRANK_HAVE_OPENMP)
+#pragma omp for schedule(static)
+#endif
+      for (Index q = 0; q < blocks; ++q) {
+        double* dst = b + q * nr * nk;
+        for (Index k = 0; k < nk; ++k)
+          for (Index c = 0; c < nr; ++c) dst[k * nr + c] = q * nr + c < d ? widen(K(k0 + k, q * nr + c)) : 0.0;
+      }
+      for (Index i0 = 0; i0 < d; i0 += kColBlock) {
+        const Index i1 = std::min(d, i0 + kColBlock);
+        const Index row_panels = (i1 + mr - 1) / mr;  // rows j < i1 meet this block's upper part
+#if defined(LOWRANK_HAVE_OPENMP)
+#pragma omp for schedule(dynamic, 4)
+#endif
+        for (Index p = 0; p < row_panels; ++p) {
+          const Index j0 = p * mr, rows = std::min(mr, d - j0);
+          const Index c0 = std::max(i0, j0 / nr * nr);
+          if (c0 >= i1) continue;
+          rk.f64(a + p * mr * nk, b + (c0 / nr) * nr * nk, nk, s + j0 * d + c0, d, rows, i1 - c0, mr * d);
+        }
+      }
     }
   }
 }
