@@ -28,6 +28,7 @@
 #include <Eigen/Core>
 #include <Eigen/LU>
 
+#include "bench_util.hpp"
 #include "lowrank/core/matrix.hpp"
 #include "lowrank/core/threading.hpp"
 #include "lowrank/edit/factored.hpp"
@@ -39,55 +40,17 @@
 
 #if defined(LOWRANK_BENCH_OPENBLAS)
 #include <cblas.h>
-extern "C" void openblas_set_num_threads(int);
 extern "C" void dgesv_(const int* n, const int* nrhs, double* a, const int* lda, int* ipiv, double* b, const int* ldb,
                        int* info);
 #endif
 
 namespace {
 
+using lowrank_bench::set_threads;
 using lowrank::ColMatrix;
 using lowrank::Index;
 using lowrank::RowMatrix;
 using lowrank::Vector;
-
-void set_threads(int threads) {
-  lowrank::set_num_threads(threads);
-  Eigen::setNbThreads(threads);
-#if defined(LOWRANK_BENCH_OPENBLAS)
-  openblas_set_num_threads(threads);
-#endif
-}
-
-double seconds(auto&& f) {
-  const auto t0 = std::chrono::steady_clock::now();
-  f();
-  benchmark::ClobberMemory();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-// Runs `impls` once each per iteration in a fresh random order; returns the medians.
-template <std::size_t N>
-std::vector<double> interleaved(benchmark::State& state, const std::function<void()> (&impls)[N]) {
-  std::vector<std::vector<double>> times(N);
-  for (const auto& f : impls) f();  // warm-up
-  std::mt19937 rng(7);
-  std::vector<std::size_t> order(N);
-  for (std::size_t i = 0; i < N; ++i) order[i] = i;
-  for (auto _ : state) {
-    std::shuffle(order.begin(), order.end(), rng);
-    for (std::size_t i : order) times[i].push_back(seconds(impls[i]));
-  }
-  std::vector<double> m;
-  for (auto& t : times) m.push_back(median(t));
-  return m;
-}
 
 // A synthetic SPD second moment: diagonal plus a low-rank term (cheap to build at d = 4096).
 ColMatrix<double> synthetic_moment(Index d, std::mt19937_64& rng) {
@@ -131,7 +94,7 @@ void bm_second_moment(benchmark::State& state, Index n, Index d, int threads) {
   (void)keys32c;
   (void)di;
   (void)ni;
-  const std::vector<double> m = interleaved(state, impls);
+  const std::vector<double> m = lowrank_bench::interleaved_medians(state, impls);
   const double flops = static_cast<double>(n) * static_cast<double>(d) * static_cast<double>(d + 1);
   state.counters["lowrank_GFLOPs"] = flops / m[0] * 1e-9;
 #if defined(LOWRANK_BENCH_OPENBLAS)
@@ -165,7 +128,7 @@ void bm_rome(benchmark::State& state, Index d) {
       },
       [&] { lowrank::rank_update(w, v, u, 1.0); },
   };
-  const std::vector<double> m = interleaved(state, impls);
+  const std::vector<double> m = lowrank_bench::interleaved_medians(state, impls);
   state.counters["rome/rank1"] = m[0] / m[1];
   state.counters["rome_ms"] = m[0] * 1e3;
   state.counters["rank1_ms"] = m[1] * 1e3;
@@ -203,7 +166,7 @@ void bm_memit(benchmark::State& state, Index n, Index d, int threads) {
       [&] { ours_u = lowrank::edit::memit(K, R, factor, lambda).U; },
       reference,
   };
-  const std::vector<double> m = interleaved(state, impls);
+  const std::vector<double> m = lowrank_bench::interleaved_medians(state, impls);
   // Residuals of the normal equations dW (lambda C + K K^T) = R K^T, with dW = R U^T.
   const ColMatrix<double> M = lambda * C + K * K.transpose();
   const ColMatrix<double> RKt = R * K.transpose();

@@ -21,6 +21,7 @@
 
 #include <Eigen/Core>
 
+#include "bench_util.hpp"
 #include "lora_forward_baseline.hpp"
 #include "lowrank/core/threading.hpp"
 #include "lowrank/kernels/lora_forward.hpp"
@@ -28,22 +29,15 @@
 
 #if defined(LOWRANK_BENCH_OPENBLAS)
 #include <cblas.h>
-extern "C" void openblas_set_num_threads(int);
 #endif
 
 namespace {
 
+using lowrank_bench::set_threads;
 using Index = Eigen::Index;
 using lora_forward_baseline::RowMatrixXf;
 constexpr Index kIn = 4096, kOut = 4096;
 
-void set_threads(int threads) {
-  lowrank::set_num_threads(threads);
-  Eigen::setNbThreads(threads);
-#if defined(LOWRANK_BENCH_OPENBLAS)
-  openblas_set_num_threads(threads);
-#endif
-}
 
 template <class TW>
 struct Problem {
@@ -104,53 +98,23 @@ void bm(benchmark::State& state, Index tokens, Index r, int threads) {
   state.SetLabel(std::string(lowrank::to_string(lowrank::active_target())));
 }
 
-double seconds(auto&& f) {
-  const auto t0 = std::chrono::steady_clock::now();
-  f();
-  benchmark::ClobberMemory();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 // Every implementation once per iteration, in a random order; ratios of the medians.
 void bm_ratios(benchmark::State& state, Index tokens, Index r, int threads) {
   set_threads(threads);
   Problem<float> p(tokens, r);
   enum { fused, lowrank_base, eigen_base, eigen_unfused, openblas_base, kCount };
-  std::vector<double> times[kCount];
-  auto run = [&](int which) {
-    switch (which) {
-      case fused: return seconds([&] { p.fused(); });
-      case lowrank_base: return seconds([&] { p.lowrank_base(); });
-      case eigen_base: return seconds([&] { p.eigen_base(); });
-      case eigen_unfused: return seconds([&] { p.eigen_unfused(); });
+  const std::function<void()> impls[kCount] = {
+      [&] { p.fused(); },
+      [&] { p.lowrank_base(); },
+      [&] { p.eigen_base(); },
+      [&] { p.eigen_unfused(); },
 #if defined(LOWRANK_BENCH_OPENBLAS)
-      case openblas_base: return seconds([&] { p.openblas_base(); });
+      [&] { p.openblas_base(); },
+#else
+      [] {},
 #endif
-      default: return 0.0;
-    }
   };
-  for (int w = 0; w < kCount; ++w) run(w);  // warm-up: workspaces, thread pools, caches
-  // A fresh random order every iteration. A rotation keeps each implementation's predecessor:
-  // the fused forward always ran right after OpenBLAS, whose worker threads keep spinning after a
-  // call and, on the same cores, slowed it by 1.2x at 256 tokens on 2 threads (Zen 1 VM,
-  // 2026-11-27). In a random order every implementation follows every other one equally often and
-  // the medians shed the disturbed runs. (A pause after each call would let the workers go idle,
-  // but on the VM a 200 ms pause made the next call up to 3x slower, waking the idle vCPU.)
-  std::mt19937 shuffle_rng(12345);
-  int order[kCount];
-  for (int i = 0; i < kCount; ++i) order[i] = i;
-  for (auto _ : state) {
-    std::shuffle(order, order + kCount, shuffle_rng);
-    for (int which : order) times[which].push_back(run(which));
-  }
-  double m[kCount];
-  for (int i = 0; i < kCount; ++i) m[i] = median(times[i]);
+  const std::vector<double> m = lowrank_bench::interleaved_medians(state, impls);
   double best = std::min(m[lowrank_base], m[eigen_base]);
 #if defined(LOWRANK_BENCH_OPENBLAS)
   best = std::min(best, m[openblas_base]);

@@ -19,6 +19,7 @@
 
 #include <Eigen/Core>
 
+#include "bench_util.hpp"
 #include "lowrank/lowrank.hpp"
 #define LOWRANK_BASELINE_NS portable
 #include "eigen_baseline.hpp"
@@ -29,13 +30,14 @@
 
 #if defined(LOWRANK_BENCH_OPENBLAS)
 #include <cblas.h>
-extern "C" void openblas_set_num_threads(int);
 #endif
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
 
 namespace {
+
+using lowrank_bench::set_threads;
 
 using Index = Eigen::Index;
 constexpr Index kM = 4096, kN = 4096;
@@ -47,13 +49,6 @@ void set_counters(benchmark::State& state, Index m, Index n, Index r) {
                                                 benchmark::Counter::kIsIterationInvariantRate);
 }
 
-void set_threads(int threads) {
-  lowrank::set_num_threads(threads);
-  Eigen::setNbThreads(threads);
-#if defined(LOWRANK_BENCH_OPENBLAS)
-  openblas_set_num_threads(threads);
-#endif
-}
 
 template <class T>
 struct Problem {
