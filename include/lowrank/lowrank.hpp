@@ -27,5 +27,6 @@
 #include "lowrank/edit/factored.hpp"
 #include "lowrank/edit/log.hpp"
 #include "lowrank/edit/memit.hpp"
+#include "lowrank/edit/perfusion.hpp"
 #include "lowrank/edit/rome.hpp"
 #include "lowrank/version.hpp"
