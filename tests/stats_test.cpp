@@ -303,6 +303,35 @@ TEST(SpdFactor, SolvesMatchExplicitInverse) {
   EXPECT_LT(rel_diff(f.reconstructed(), C), 1e-14);
 }
 
+// Many right-hand sides (>= 16) go through the blocked, threaded solves (blocks of 256 rows):
+// d = 300 has two blocks; compared with the explicit inverse and with the factor's own L.
+TEST(SpdFactor, BlockedSolvesWithManyRightHandSides) {
+  std::mt19937_64 rng(25);
+  const Index d = 300;
+  const ColMatrix<double> C = spd_matrix(d, rng, 900);
+  const SpdFactor f(C);
+  const ColMatrix<double> inv = reference_inverse(C);
+  const ColMatrix<double> L = f.matrix_l();
+  const double tol = 100 * (C.norm() * inv.norm()) * 0x1.0p-52;
+  for (Index n : {16, 37}) {
+    SCOPED_TRACE(n);
+    const ColMatrix<double> B = ColMatrix<double>::Random(d, n);
+    EXPECT_LT(rel_diff(f.solve_many(B), inv * B), tol);
+    const ColMatrix<double> Z = f.half_solve(B);
+    EXPECT_LT(rel_diff(L * Z, B), 1e-13);
+    const ColMatrix<double> Y = f.half_solve_transposed(B);
+    EXPECT_LT(rel_diff(L.transpose() * Y, B), 1e-13);
+    // Thread count does not change the bits.
+    lowrank::set_num_threads(1);
+    const ColMatrix<double> one = f.solve_many(B);
+    lowrank::set_num_threads(2);
+    const ColMatrix<double> two = f.solve_many(B);
+    lowrank::set_num_threads(0);
+    EXPECT_EQ(one, two);
+  }
+  EXPECT_EQ(f.solve_many(ColMatrix<double>(d, 0)).cols(), 0);
+}
+
 TEST(SpdFactor, ScaleAndRidge) {
   std::mt19937_64 rng(21);
   const Index d = 30;

@@ -1,6 +1,6 @@
 /// \file
 /// Umbrella header: every public header of the `lowrank` library target (core, kernels, linalg,
-/// adapt). The `lowrank::io` component has its own headers under `lowrank/io/`.
+/// adapt, edit). The `lowrank::io` component has its own headers under `lowrank/io/`.
 #pragma once
 
 #include "lowrank/core/config.hpp"

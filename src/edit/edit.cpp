@@ -162,17 +162,19 @@ FactoredEdit memit(const Eigen::Ref<const ColMatrix<double>>& K, const Eigen::Re
   constexpr const char* fn = "lowrank::edit::memit";
   const Index n = check_batch(fn, K, R, C);
   if (!(lambda > 0) || !std::isfinite(lambda)) fail(fn, "lambda is {}; it must be finite and > 0", lambda);
-  // U = A^-1 K (lambda I + K^T A^-1 K)^-1 with A = L L^T: Z = L^-1 K, M = lambda I + Z^T Z.
+  // U = A^-1 K (lambda I + K^T A^-1 K)^-1 with A = L L^T: Z = L^-1 K, M = lambda I + Z^T Z,
+  // U = L^-T (Z M^-1) = L^-T (M^-1 Z^T)^T. The solves with n right-hand sides are blocked and
+  // threaded (SpdFactor), M's product is Eigen's GEMM.
   const ColMatrix<double> Z = C.half_solve(K);
-  ColMatrix<double> M = ColMatrix<double>::Zero(n, n);
-  M.selfadjointView<Eigen::Lower>().rankUpdate(Z.transpose());
+  ColMatrix<double> M(n, n);
+  M.noalias() = Z.transpose() * Z;
   M.diagonal().array() += lambda;
-  const Eigen::LLT<ColMatrix<double>> small(M.selfadjointView<Eigen::Lower>());
-  if (small.info() != Eigen::Success) fail(fn, "lambda I + K^T A^-1 K ({}x{}) is not positive definite", n, n);
-  // U = L^-T Z M^-1 = L^-T (M^-1 Z^T)^T.
-  const ColMatrix<double> ZM = small.solve(Z.transpose()).transpose();
+  linalg::SpdOptions strict;
+  strict.policy.escalate = false;
+  const linalg::SpdFactor small(M, strict);  // >= lambda I: positive definite
+  const ColMatrix<double> MZt = small.solve_many(Z.transpose());
   FactoredEdit edit;
-  edit.U = C.half_solve_transposed(ZM);
+  edit.U = C.half_solve_transposed(MZt.transpose());
   edit.V = R;
   return edit;
 }

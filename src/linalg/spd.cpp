@@ -8,6 +8,8 @@
 #include <utility>
 
 #include "lowrank/core/error.hpp"
+#include "lowrank/core/view.hpp"
+#include "lowrank/kernels/rank_update.hpp"
 
 LOWRANK_BEGIN_NAMESPACE
 
@@ -24,6 +26,53 @@ double smallest_pivot(const Eigen::LLT<ColMatrix<double>>& llt) {
   const auto diag = llt.matrixLLT().diagonal();
   if (!diag.allFinite()) return -1;
   return diag.size() == 0 ? 0 : diag.cwiseAbs2().minCoeff();
+}
+
+// Blocked triangular solves with many right-hand sides, X (m x n, row-major, in place):
+//   lower:      X <- L^-1 X        (forward, block rows top to bottom)
+//   transposed: X <- L^-T X        (backward, bottom to top)
+// L is the lower triangle of a column-major m x m matrix (leading dimension ld). The updates from
+// the finished block rows are rank-kBlock products through rank_update (packed fp64
+// micro-kernel, threaded); the kBlock x kBlock diagonal solves are Eigen's. Each element is
+// computed in a fixed order whatever the thread count.
+constexpr Index kBlock = 256;
+constexpr Index kBlockedFrom = 16;  // right-hand sides from which the blocked form is used
+
+void blocked_solve(const double* L, Index ld, Index m, double* X, Index n, bool transposed) {
+  using RowMap = Eigen::Map<Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+  using ColMap = Eigen::Map<const ColMatrix<double>, 0, Eigen::OuterStride<>>;
+  const Index blocks = (m + kBlock - 1) / kBlock;
+  for (Index s = 0; s < blocks; ++s) {
+    const Index b = transposed ? blocks - 1 - s : s;
+    const Index i0 = b * kBlock, ni = std::min(kBlock, m - i0);
+    const MatrixView<double> Xi(X + i0 * n, ni, n, n, 1);
+    // Subtract the contributions of the finished block rows j.
+    for (Index t = 0; t < s; ++t) {
+      const Index c = transposed ? blocks - 1 - t : t;
+      const Index j0 = c * kBlock, nj = std::min(kBlock, m - j0);
+      // lower: X_i -= L(i, j) X_j; transposed: X_i -= L(j, i)^T X_j.
+      const MatrixView<const double> U = transposed ? MatrixView<const double>(L + j0 + i0 * ld, ni, nj, ld, 1)
+                                                    : MatrixView<const double>(L + i0 + j0 * ld, ni, nj, 1, ld);
+      const MatrixView<const double> V(X + j0 * n, n, nj, 1, n);  // X_j^T
+      rank_update(Xi, U, V, -1.0);
+    }
+    const ColMap Lii(L + i0 + i0 * ld, ni, ni, Eigen::OuterStride<>(ld));
+    RowMap xi(X + i0 * n, ni, n);
+    if (transposed) {
+      Lii.triangularView<Eigen::Lower>().transpose().solveInPlace(xi);
+    } else {
+      Lii.triangularView<Eigen::Lower>().solveInPlace(xi);
+    }
+  }
+}
+
+// A^-1 B, L^-1 B or L^-T B for column-major B through the blocked solves (row-major copy).
+ColMatrix<double> solve_blocked(const ColMatrix<double>& Lfull, const Eigen::Ref<const ColMatrix<double>>& B, bool lower,
+                                bool upper) {
+  Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> X = B;
+  if (lower) blocked_solve(Lfull.data(), Lfull.rows(), Lfull.rows(), X.data(), X.cols(), false);
+  if (upper) blocked_solve(Lfull.data(), Lfull.rows(), Lfull.rows(), X.data(), X.cols(), true);
+  return X;
 }
 
 }  // namespace
@@ -96,16 +145,22 @@ Vector<double> SpdFactor::solve(const Eigen::Ref<const Vector<double>>& b) const
 
 ColMatrix<double> SpdFactor::solve_many(const Eigen::Ref<const ColMatrix<double>>& B) const {
   require("lowrank::linalg::SpdFactor::solve_many", B.rows());
+  if (B.cols() == 0) return ColMatrix<double>(dim_, 0);  // Eigen's solvers misbehave on empty input
+  if (B.cols() >= kBlockedFrom) return solve_blocked(llt_.matrixLLT(), B, true, true);
   return llt_.solve(B);
 }
 
 ColMatrix<double> SpdFactor::half_solve(const Eigen::Ref<const ColMatrix<double>>& B) const {
   require("lowrank::linalg::SpdFactor::half_solve", B.rows());
+  if (B.cols() == 0) return ColMatrix<double>(dim_, 0);  // Eigen's solvers misbehave on empty input
+  if (B.cols() >= kBlockedFrom) return solve_blocked(llt_.matrixLLT(), B, true, false);
   return llt_.matrixL().solve(B);
 }
 
 ColMatrix<double> SpdFactor::half_solve_transposed(const Eigen::Ref<const ColMatrix<double>>& B) const {
   require("lowrank::linalg::SpdFactor::half_solve_transposed", B.rows());
+  if (B.cols() == 0) return ColMatrix<double>(dim_, 0);  // Eigen's solvers misbehave on empty input
+  if (B.cols() >= kBlockedFrom) return solve_blocked(llt_.matrixLLT(), B, false, true);
   return llt_.matrixU().solve(B);
 }
 
