@@ -18,6 +18,7 @@
 #include "lowrank/edit/rome.hpp"
 #include "lowrank/linalg/moments.hpp"
 #include "lowrank/linalg/spd.hpp"
+#include "edit_util.hpp"
 #include "reference_linalg.hpp"
 #include "test_util.hpp"
 
@@ -35,47 +36,8 @@ using lowrank::linalg::SpdFactor;
 using lowrank::linalg::SpdOptions;
 namespace edit = lowrank::edit;
 
-template <class F>
-void expect_error(F&& call, const std::string& needle) {
-  try {
-    call();
-    ADD_FAILURE() << "no lowrank::Error; expected one mentioning \"" << needle << "\"";
-  } catch (const lowrank::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
-
-// Keys with a non-isotropic covariance and their second moment (more samples than dimensions).
-struct Stats {
-  ColMatrix<double> C;
-  SpdFactor factor;
-};
-Stats make_stats(Index d, std::mt19937_64& rng) {
-  std::normal_distribution<double> normal;
-  RowMatrix<double> keys(4 * d, d);
-  for (Index t = 0; t < keys.rows(); ++t)
-    for (Index i = 0; i < d; ++i) keys(t, i) = normal(rng) * (1.0 + 2.0 * std::exp(-0.1 * i)) + 0.2;
-  SecondMoment m(d);
-  m.add(keys);
-  Stats s{m.moment(), {}};
-  s.factor = SpdFactor(s.C);
-  return s;
-}
-
-Vector<double> random_vector(Index n, std::mt19937_64& rng) {
-  std::normal_distribution<double> normal;
-  Vector<double> v(n);
-  for (auto& x : v) x = normal(rng);
-  return v;
-}
-
-ColMatrix<double> random_matrix(Index r, Index c, std::mt19937_64& rng) {
-  std::normal_distribution<double> normal;
-  ColMatrix<double> m(r, c);
-  for (Index j = 0; j < c; ++j)
-    for (Index i = 0; i < r; ++i) m(i, j) = normal(rng);
-  return m;
-}
+using Stats = KeyStats;
+Stats make_stats(Index d, std::mt19937_64& rng) { return make_key_stats(d, rng); }
 
 // ---- ROME ----------------------------------------------------------------------------------------
 

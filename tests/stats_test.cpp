@@ -19,6 +19,7 @@
 #include "lowrank/core/threading.hpp"
 #include "lowrank/linalg/moments.hpp"
 #include "lowrank/linalg/spd.hpp"
+#include "edit_util.hpp"
 #include "reference_linalg.hpp"
 #include "test_util.hpp"
 #if defined(LOWRANK_TEST_HAVE_IO)
@@ -35,16 +36,6 @@ using lowrank::Vector;
 using lowrank::linalg::SecondMoment;
 using lowrank::linalg::SpdFactor;
 using lowrank::linalg::SpdOptions;
-
-template <class F>
-void expect_error(F&& call, const std::string& needle) {
-  try {
-    call();
-    ADD_FAILURE() << "no lowrank::Error; expected one mentioning \"" << needle << "\"";
-  } catch (const lowrank::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
 
 // Keys with a non-isotropic covariance and a non-zero mean: rows of G * diag(decay) + mu.
 RowMatrix<double> make_keys(Index n, Index d, std::mt19937_64& rng, double mean = 0.5, double scale = 1.0) {
