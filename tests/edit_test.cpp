@@ -318,18 +318,20 @@ TEST(Memit, SingleEditIsDampedRomeAndScaleMovesLambda) {
 }
 
 TEST(Memit, ResidualSpreadingMock) {
-  // Caller-side loop: layer i takes R / (L - i) of the current residual; with a mock where each
-  // layer's update removes exactly its share, the shares are R0 / L and the final residual is 0.
-  const int L = 5;
-  Vector<double> R(3);
-  R << 5.0, -10.0, 2.5;
-  Vector<double> residual = R;
-  for (int i = 0; i < L; ++i) {
-    const Vector<double> share = residual / static_cast<double>(L - i);
-    EXPECT_LT((share - R / L).norm(), 1e-15);
+  // The caller-side loop with a mock in which each layer's update removes exactly its assigned
+  // share: the shares are R0 / L and the final residual is 0.
+  const Index L = 5;
+  ColMatrix<double> R(3, 2);
+  R << 5.0, 1.0, -10.0, 2.0, 2.5, -4.0;
+  ColMatrix<double> residual = R;
+  for (Index i = 0; i < L; ++i) {
+    const ColMatrix<double> share = edit::spread_residual(residual, i, L);
+    EXPECT_LT((share - R / static_cast<double>(L)).norm(), 1e-14);
     residual -= share;
   }
   EXPECT_LT(residual.norm(), 1e-14);
+  expect_error([&] { (void)edit::spread_residual(R, 5, 5); }, "layer is 5");
+  expect_error([&] { (void)edit::spread_residual(R, 0, 0); }, "layers is 0");
 }
 
 // ---- EMMET ---------------------------------------------------------------------------------------

@@ -179,6 +179,14 @@ FactoredEdit memit(const Eigen::Ref<const ColMatrix<double>>& K, const Eigen::Re
   return edit;
 }
 
+ColMatrix<double> spread_residual(const Eigen::Ref<const ColMatrix<double>>& R, Index layer, Index layers) {
+  constexpr const char* fn = "lowrank::edit::spread_residual";
+  if (layers < 1) fail(fn, "layers is {}; it must be >= 1", layers);
+  if (layer < 0 || layer >= layers) fail(fn, "layer is {}; it must be in [0, {})", layer, layers);
+  require_finite(fn, "R", R);
+  return R / static_cast<double>(layers - layer);
+}
+
 EmmetResult emmet(const Eigen::Ref<const ColMatrix<double>>& K, const Eigen::Ref<const ColMatrix<double>>& R,
                   const linalg::SpdFactor& C, const EmmetOptions& options) {
   constexpr const char* fn = "lowrank::edit::emmet";

@@ -38,6 +38,13 @@ namespace edit {
 FactoredEdit memit(const Eigen::Ref<const ColMatrix<double>>& K, const Eigen::Ref<const ColMatrix<double>>& R,
                    const linalg::SpdFactor& C, double lambda);
 
+/// MEMIT's residual spreading over the edited layers (`memit_main.py`): layer `layer` (0-based, in
+/// ascending order) of `layers` takes `R / (layers - layer)` of the *current* residual, which the
+/// caller recomputes (with the keys) on the model edited by the layers before. With a linear
+/// response each layer ends up contributing about `R_0 / layers`.
+/// \throws Error if `layers < 1`, `layer` is outside `[0, layers)`, or R has a non-finite entry
+ColMatrix<double> spread_residual(const Eigen::Ref<const ColMatrix<double>>& R, Index layer, Index layers);
+
 /// Options of `emmet`.
 struct EmmetOptions {
   /// Added to the diagonal of `D = K^T A^{-1} K` when n > 1 (EMMET's `emmet_lambda`; >= 0). With
