@@ -7,6 +7,7 @@
 #include <Eigen/Cholesky>
 #include <Eigen/Eigenvalues>
 
+#include "../core/widen.hpp"
 #include "lowrank/core/error.hpp"
 #include "lowrank/edit/factored.hpp"
 #include "lowrank/edit/memit.hpp"
@@ -24,14 +25,7 @@ void require_finite(const char* fn, const char* name, const Eigen::MatrixBase<De
   if (!m.allFinite()) fail(fn, "{} ({}x{}) has a NaN or infinity", name, m.rows(), m.cols());
 }
 
-template <class T>
-double widen(T x) {
-  if constexpr (std::is_same_v<T, double>) {
-    return x;
-  } else {
-    return static_cast<double>(static_cast<float>(x));
-  }
-}
+using detail::widen;
 
 // Checks K (in x n) and R (out x n) against the factor; returns n.
 Index check_batch(const char* fn, const Eigen::Ref<const ColMatrix<double>>& K,

@@ -1,5 +1,6 @@
 // Perfusion's key-locked gated rank-1 edit (include/lowrank/edit/perfusion.hpp). Compiled once into
 // the library: the QR and the Cholesky solves stay out of users' translation units.
+#include "../core/widen.hpp"
 #include "lowrank/edit/perfusion.hpp"
 
 #include <cmath>
@@ -20,14 +21,7 @@ using detail::fail;
 
 constexpr const char* kPrepare = "lowrank::edit::Perfusion";
 
-template <class T>
-double widen(T x) {
-  if constexpr (std::is_same_v<T, double>) {
-    return x;
-  } else {
-    return static_cast<double>(static_cast<float>(x));
-  }
-}
+using detail::widen;
 
 // Both branches avoid exp overflow: the argument of exp is never positive.
 double sigmoid(double z) {

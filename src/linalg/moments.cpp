@@ -1,5 +1,6 @@
 // SecondMoment (include/lowrank/linalg/moments.hpp): fp64 accumulation of k k^T with the
 // rank-update micro-kernel on the lower triangle (a SYRK).
+#include "../core/widen.hpp"
 #include "lowrank/linalg/moments.hpp"
 
 #include <algorithm>
@@ -27,14 +28,7 @@ using detail::fail;
 constexpr Index kKeyChunk = 256;  // keys per pass over the triangle (the depth of each tile)
 constexpr Index kColBlock = 128;  // columns of the triangle per block (B block of 256 KiB in fp64)
 
-template <class T>
-double widen(T x) {
-  if constexpr (std::is_same_v<T, double>) {
-    return x;
-  } else {
-    return static_cast<double>(static_cast<float>(x));
-  }
-}
+using detail::widen;
 
 // S (lower triangle) += K^T K for K `n x d` (any strides), with the rank-update micro-kernel in
 // fp64. Per chunk of kKeyChunk keys the chunk is packed once, widened to fp64, both as MR-row
