@@ -341,6 +341,7 @@ class SwitchLoraLayer {
     constexpr const char* fn = "lowrank::adapt::SwitchLoraLayer::adam_step";
     check_grads(fn, gA, gB);
     optim::check_adam_config(fn, config);
+    if (!(lr >= 0) || !std::isfinite(lr)) lowrank::detail::fail(fn, "lr is {}; it must be finite and >= 0", lr);
     for (Index i = 0; i < gA.rows; ++i)
       for (Index j = 0; j < gA.cols; ++j)
         if (!std::isfinite(gA(i, j))) {
@@ -360,12 +361,14 @@ class SwitchLoraLayer {
       sA[static_cast<std::size_t>(k)] = optim::adam_scalars(config, moments_.step_A[static_cast<std::size_t>(k)] + 1, lr);
       sB[static_cast<std::size_t>(k)] = optim::adam_scalars(config, moments_.step_B[static_cast<std::size_t>(k)] + 1, lr);
     }
-    const float b1 = static_cast<float>(config.beta1), b2 = static_cast<float>(config.beta2);
+    // As torch: the betas and 1 - beta each rounded once to fp32.
+    const float b1 = static_cast<float>(config.beta1), c1 = static_cast<float>(1.0 - config.beta1);
+    const float b2 = static_cast<float>(config.beta2), c2 = static_cast<float>(1.0 - config.beta2);
     const double decay = 1.0 - lr * config.weight_decay;
     const bool before = config.decay == optim::DecayPlacement::before_update;
     auto update = [&](T& w, float& m, float& v, float g, const optim::AdamScalars& s) {
-      m = b1 * m + (1.0f - b1) * g;
-      v = b2 * v + (1.0f - b2) * g * g;
+      m = b1 * m + c1 * g;
+      v = b2 * v + c2 * g * g;
       const double u = s.step_size * static_cast<double>(m) / (std::sqrt(static_cast<double>(v)) + s.eps);
       const double x = static_cast<double>(w);
       w = static_cast<T>(before ? x * decay - u : (x - u) * decay);
