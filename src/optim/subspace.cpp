@@ -10,6 +10,7 @@
 
 #include "lowrank/core/error.hpp"
 #include "lowrank/core/philox.hpp"
+#include "lowrank/core/threading.hpp"
 #include "lowrank/kernels/rank_update.hpp"
 #include "lowrank/linalg/svd.hpp"
 
@@ -60,6 +61,46 @@ void check_matrix(const char* fn, const char* what, MatrixView<const float> M, I
   if (M.data == nullptr || M.row_stride <= 0 || M.col_stride <= 0)
     fail(fn, "{} ({}x{}) has a null pointer or strides {}, {} that are not positive", what, M.rows, M.cols,
          M.row_stride, M.col_stride);
+}
+
+// The projection GEMM, R += P^T G (left, R r x cols) or G Q (right, R rows x r), R row-major and
+// zeroed: each thread owns a slice of R's long dimension (columns of G for left, rows for right)
+// and runs the whole k loop over it with single-threaded rank updates (chunks of kProjectChunk
+// along G's other dimension), so there is one parallel region and no barrier per chunk. Each
+// element is one fma chain in k order whatever the thread count (rank_update is tiling-invariant).
+void project_dense(MatrixView<const float> G, float* R, const float* P, bool left, Index rows, Index cols, Index r) {
+  const Index slice_len = left ? cols : rows;  // R's long dimension, split over threads
+  const Index k_len = left ? rows : cols;
+  int threads = num_threads();
+  if (static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(r) < (1 << 20)) threads = 1;
+  const Index slices = std::max<Index>(1, std::min<Index>(threads, slice_len / 16));
+  RankUpdateOptions one;
+  one.max_threads = 1;
+#if defined(LOWRANK_HAVE_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(slices)) if (slices > 1)
+#endif
+  for (Index s = 0; s < slices; ++s) {
+    // Slice bounds on multiples of 16 (the micro-kernel's column width for left).
+    const Index per = (slice_len / slices + 15) / 16 * 16;
+    const Index a = std::min(slice_len, s * per), b = s + 1 == slices ? slice_len : std::min(slice_len, (s + 1) * per);
+    if (a >= b) continue;
+    for (Index k0 = 0; k0 < k_len; k0 += kProjectChunk) {
+      const Index kc = std::min(kProjectChunk, k_len - k0);
+      if (left) {
+        // R[:, a:b] (r x (b-a)) += P[k0:k1, :]^T G[k0:k1, a:b]
+        const MatrixView<float> out(R + a, r, b - a, cols, 1);
+        const MatrixView<const float> U(P + k0, r, kc, rows, 1);                         // U(i, k) = P(k0 + k, i)
+        const MatrixView<const float> V(&G(k0, a), b - a, kc, G.col_stride, G.row_stride);  // V(j, k) = G(k0 + k, a + j)
+        rank_update(out, U, V, 1.0, one);
+      } else {
+        // R[a:b, :] ((b-a) x r) += G[a:b, k0:k1] Q[k0:k1, :]
+        const MatrixView<float> out(R + a * r, b - a, r, r, 1);
+        const MatrixView<const float> U(&G(a, k0), b - a, kc, G.row_stride, G.col_stride);
+        const MatrixView<const float> V(P + k0, r, kc, cols, 1);  // V(j, k) = Q(k0 + k, j)
+        rank_update(out, U, V, 1.0, one);
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -209,25 +250,7 @@ void Projector::project(MatrixView<const float> G, RowMatrix<float>& R) const {
     return;
   }
   R.setZero();
-  const MatrixView<float> out = view_of(R);
-  const float* P = basis_.data();
-  if (side_ == Side::left) {
-    // R (r x cols) += P[k0:k1, :]^T G[k0:k1, :], the long dimension (rows) in chunks.
-    for (Index k0 = 0; k0 < rows_; k0 += kProjectChunk) {
-      const Index kc = std::min(kProjectChunk, rows_ - k0);
-      const MatrixView<const float> U(P + k0, rank_, kc, rows_, 1);  // U(i, k) = P(k0 + k, i)
-      const MatrixView<const float> V(&G(k0, 0), cols_, kc, G.col_stride, G.row_stride);  // V(j, k) = G(k0 + k, j)
-      rank_update(out, U, V, 1.0);
-    }
-  } else {
-    // R (rows x r) += G[:, k0:k1] Q[k0:k1, :].
-    for (Index k0 = 0; k0 < cols_; k0 += kProjectChunk) {
-      const Index kc = std::min(kProjectChunk, cols_ - k0);
-      const MatrixView<const float> U(&G(0, k0), rows_, kc, G.row_stride, G.col_stride);
-      const MatrixView<const float> V(P + k0, rank_, kc, cols_, 1);  // V(j, k) = Q(k0 + k, j)
-      rank_update(out, U, V, 1.0);
-    }
-  }
+  project_dense(G, R.data(), basis_.data(), side_ == Side::left, rows_, cols_, rank_);
 }
 
 void Projector::add_back(MatrixView<float> W, const RowMatrix<float>& N, double alpha) const {
