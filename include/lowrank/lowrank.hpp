@@ -29,4 +29,7 @@
 #include "lowrank/edit/memit.hpp"
 #include "lowrank/edit/perfusion.hpp"
 #include "lowrank/edit/rome.hpp"
+#include "lowrank/optim/adam.hpp"
+#include "lowrank/optim/projector.hpp"
+#include "lowrank/optim/subspace.hpp"
 #include "lowrank/version.hpp"
