@@ -265,7 +265,8 @@ class SwitchLoraLayer {
   /// A rows are a partial Fisher-Yates shuffle of 0..r-1 with `bits(b + 2 + k)`, their
   /// candidates one of the unused candidate indices (ascending) with `bits(b + 2 + r + k)`; B
   /// uses `b + 2 + 2r + k` and `b + 2 + 3r + k`.
-  /// Cost: at most two passes over W (`2 out in (n_A + n_B)` flops).
+  /// Cost: at most two passes over W (`2 out in (n_A + n_B)` flops); allocates O(candidate_num +
+  /// r (in + out)) of scratch per call.
   /// \throws Error (W and the layer unchanged) for t < 0, an interval below `2 adam_warm_step`,
   ///   or what `switch_A_row` refuses.
   template <SupportedScalar TW>

@@ -51,7 +51,8 @@ struct PruneReport {
 };
 
 /// Random pruning in place: `x[i] = 0` unless `RandomStream(seed, stream).uniform(i) > p`.
-/// Values are not read (NaN and infinity are pruned like any other value).
+/// Values are not read (NaN and infinity are pruned like any other value). As the reference's
+/// `rand > p`, p = 0 still prunes an entry whose draw is exactly 0 (probability 2^-24).
 /// Cost: one Philox draw per entry. Determinism: bitwise, any thread count.
 /// \returns the number of entries kept.
 /// \throws Error (x unchanged) if p is not a finite value in [0, 1].

@@ -64,7 +64,9 @@ void check_jagged_cosine(const JaggedCosine& schedule, const char* fn = nullptr)
 
 /// ReLoRA's merge trigger: true when `(step - start) % every == 1`, i.e. one step after each
 /// multiple of `every` counted from the scheduler start `start` (with `every = C` this is the first
-/// step of each restart warmup, when the learning rate is 0 or nearly so).
+/// step of each restart warmup, when the learning rate is 0 or nearly so). The condition also
+/// holds at `start + 1`; the reference's loop merges only once `every` update steps have passed
+/// since the run (re)started, so guard with `step - start > every` to match it.
 /// \param step   the current update step, `>= start`
 /// \param every  `--relora`, at least 2 (with 1 the condition can never hold)
 /// \throws Error for `step < start` or `every < 2`.
