@@ -8,10 +8,12 @@
 #include <Eigen/Eigenvalues>
 
 #include "../core/widen.hpp"
+#include "../linalg/triangular.hpp"
 #include "lowrank/core/error.hpp"
 #include "lowrank/edit/factored.hpp"
 #include "lowrank/edit/memit.hpp"
 #include "lowrank/edit/rome.hpp"
+#include "lowrank/linalg/moments.hpp"
 
 LOWRANK_BEGIN_NAMESPACE
 
@@ -156,19 +158,28 @@ FactoredEdit memit(const Eigen::Ref<const ColMatrix<double>>& K, const Eigen::Re
   constexpr const char* fn = "lowrank::edit::memit";
   const Index n = check_batch(fn, K, R, C);
   if (!(lambda > 0) || !std::isfinite(lambda)) fail(fn, "lambda is {}; it must be finite and > 0", lambda);
-  // U = A^-1 K (lambda I + K^T A^-1 K)^-1 with A = L L^T: Z = L^-1 K, M = lambda I + Z^T Z,
-  // U = L^-T (Z M^-1) = L^-T (M^-1 Z^T)^T. The solves with n right-hand sides are blocked and
-  // threaded (SpdFactor), M's product is Eigen's GEMM.
-  const ColMatrix<double> Z = C.half_solve(K);
-  ColMatrix<double> M(n, n);
-  M.noalias() = Z.transpose() * Z;
+  // U = A^-1 K (lambda I + K^T A^-1 K)^-1 with A = L L^T: Z = L^-1 K, M = lambda I + Z^T Z =
+  // Lm Lm^T, U = L^-T (Z M^-1). Z M^-1 is computed in place: Z (d x n, column-major) is Z^T seen
+  // row-major, and M^-1 Z^T = Lm^-T Lm^-1 Z^T. M's product is a SYRK on the fp64 rank-update
+  // kernel (SecondMoment: the rows of Z are its keys); the solves are blocked and threaded.
+  const Index d = K.rows();
+  ColMatrix<double> Z = C.half_solve(K);
+  // Blocked summation: each kKeys-row slab of Z starts its sums from zero, then joins M.
+  constexpr Index kKeys = 256;
+  ColMatrix<double> M = ColMatrix<double>::Zero(n, n);  // lower triangle of Z^T Z
+  for (Index k0 = 0; k0 < d; k0 += kKeys) {
+    linalg::SecondMoment slab(n);
+    slab.add(MatrixView<const double>(Z.data() + k0, std::min(kKeys, d - k0), n, 1, d));
+    M.triangularView<Eigen::Lower>() += slab.scatter_lower();
+  }
   M.diagonal().array() += lambda;
-  linalg::SpdOptions strict;
-  strict.policy.escalate = false;
-  const linalg::SpdFactor small(M, strict);  // >= lambda I: positive definite
-  const ColMatrix<double> MZt = small.solve_many(Z.transpose());
+  const Eigen::LLT<ColMatrix<double>> small(M);  // >= lambda I: positive definite
+  if (small.info() != Eigen::Success) fail(fn, "lambda I + K^T A^-1 K ({}x{}) is not positive definite", n, n);
+  const MatrixView<double> Zt(Z.data(), n, d, d, 1);
+  lowrank::detail::triangular_solve(small.matrixLLT().data(), n, n, Zt, false);
+  lowrank::detail::triangular_solve(small.matrixLLT().data(), n, n, Zt, true);
   FactoredEdit edit;
-  edit.U = C.half_solve_transposed(MZt.transpose());
+  edit.U = C.half_solve_transposed(Z);
   edit.V = R;
   return edit;
 }
