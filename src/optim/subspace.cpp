@@ -7,6 +7,7 @@
 #include <utility>
 
 #include <Eigen/QR>
+#include <Eigen/SVD>
 
 #include "lowrank/core/error.hpp"
 #include "lowrank/core/philox.hpp"
@@ -103,6 +104,62 @@ void project_dense(MatrixView<const float> G, float* R, const float* P, bool lef
   }
 }
 
+// The randomized range finder of `linalg::truncated_svd` (Halko, Martinsson and Tropp 2011, as
+// torch.svd_lowrank) with the projection GEMM above for the products with G, which dominate:
+// the side's top-r singular vectors of G (rows x cols), `side_length x r`, orthonormal columns.
+// T = G^T for a left basis (its right singular vectors are G's left ones), so the loop always
+// looks for T's right singular vectors: Y = T Omega, then power iterations Z = orth(T^T Y),
+// Y = orth(T Z), then T^T Y = Qb Rb and the l x l SVD of Rb^T gives V = Qb Vr.
+ColMatrix<float> randomized_basis(MatrixView<const float> G, bool left, Index r, Index oversample, int power_iterations,
+                                  std::uint64_t seed, std::uint64_t stream) {
+  const Index rows = G.rows, cols = G.cols;
+  const Index len = left ? rows : cols;      // length of the wanted singular vectors
+  const Index l = std::min(std::min(rows, cols), r + oversample);
+  const RandomStream rng(seed, stream);
+  ColMatrix<float> omega(len, l);  // Omega(i, j) = normal(j * len + i)
+  for (Index j = 0; j < l; ++j)
+    for (Index i = 0; i < len; ++i)
+      omega(i, j) = rng.normal(static_cast<std::uint64_t>(j) * static_cast<std::uint64_t>(len) + static_cast<std::uint64_t>(i));
+  // T B for B (len x l): right: G B (rows x l); left: G^T B (cols x l) = (B^T G)^T.
+  RowMatrix<float> tmp;
+  const auto times_T = [&](const ColMatrix<float>& B) -> ColMatrix<float> {
+    if (left) {
+      tmp = RowMatrix<float>::Zero(l, cols);
+      project_dense(G, tmp.data(), B.data(), true, rows, cols, l);  // B^T G, l x cols
+      return tmp.transpose();
+    }
+    tmp = RowMatrix<float>::Zero(rows, l);
+    project_dense(G, tmp.data(), B.data(), false, rows, cols, l);  // G B, rows x l
+    return tmp;
+  };
+  // T^T B for B (other x l): right: G^T B (cols x l); left: G B (rows x l).
+  const auto times_Tt = [&](const ColMatrix<float>& B) -> ColMatrix<float> {
+    if (left) {
+      tmp = RowMatrix<float>::Zero(rows, l);
+      project_dense(G, tmp.data(), B.data(), false, rows, cols, l);
+      return tmp;
+    }
+    tmp = RowMatrix<float>::Zero(l, cols);
+    project_dense(G, tmp.data(), B.data(), true, rows, cols, l);
+    return tmp.transpose();
+  };
+  ColMatrix<float> Y = times_T(omega);  // other x l
+  linalg::detail::orthonormalize_columns(Y);
+  for (int it = 0; it < power_iterations; ++it) {
+    ColMatrix<float> Z = times_Tt(Y);  // len x l
+    linalg::detail::orthonormalize_columns(Z);
+    Y = times_T(Z);
+    linalg::detail::orthonormalize_columns(Y);
+  }
+  const ColMatrix<float> Bt = times_Tt(Y);  // len x l = T^T Y
+  const Eigen::HouseholderQR<ColMatrix<float>> qr(Bt);
+  const ColMatrix<double> rt =
+      ColMatrix<float>(qr.matrixQR().topRows(l).triangularView<Eigen::Upper>()).transpose().cast<double>();
+  const Eigen::BDCSVD<ColMatrix<double>> small(rt, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  const ColMatrix<float> qb = qr.householderQ() * ColMatrix<float>::Identity(len, l);
+  return qb * small.matrixV().leftCols(r).cast<float>();
+}
+
 }  // namespace
 
 // ---- Projector ------------------------------------------------------------------------------------
@@ -179,11 +236,17 @@ double Projector::refresh(MatrixView<const float> G, const BasisOptions& options
   const Index len = side_length();
   if (rank_ == 0) return 0.0;
   switch (options.method) {
-    case BasisMethod::exact_svd:
-    case BasisMethod::randomized_svd: {
+    case BasisMethod::randomized_svd:
+      if (total == 0) fail(fn, "G ({}x{}) is zero: its singular vectors are undefined", rows_, cols_);
+      basis_ = randomized_basis(G, side_ == Side::left, rank_, options.oversample, options.power_iterations,
+                                options.seed, refresh);
+      coordinates_ = false;
+      indices_.clear();
+      break;
+    case BasisMethod::exact_svd: {
       if (total == 0) fail(fn, "G ({}x{}) is zero: its singular vectors are undefined", rows_, cols_);
       linalg::SvdOptions so;
-      so.method = options.method == BasisMethod::exact_svd ? linalg::SvdMethod::exact : linalg::SvdMethod::randomized;
+      so.method = linalg::SvdMethod::exact;
       so.oversample = options.oversample;
       so.power_iterations = options.power_iterations;
       so.seed = options.seed;

@@ -51,7 +51,8 @@ enum class ProjectionRule {
 /// How a refresh computes the basis from the current gradient.
 enum class BasisMethod {
   exact_svd,          ///< top-r singular vectors from Eigen's BDCSVD (GaLore, FRUGAL `svd`)
-  randomized_svd,     ///< `linalg::truncated_svd` randomized (GaLore 2): range finder + power iterations
+  randomized_svd,     ///< randomized range finder + power iterations (GaLore 2), the algorithm of
+                      ///< `linalg::truncated_svd` with the products by G on the fp32 projection GEMM
   random_orthogonal,  ///< Gaussian then QR: random semi-orthogonal, independent of G (FRUGAL `random`)
   coordinates,        ///< r distinct random coordinates of the projected side (FRUGAL `randperm`/columns/rows)
 };
