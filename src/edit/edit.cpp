@@ -165,7 +165,7 @@ FactoredEdit memit(const Eigen::Ref<const ColMatrix<double>>& K, const Eigen::Re
   const Index d = K.rows();
   ColMatrix<double> Z = C.half_solve(K);
   // Blocked summation: each kKeys-row slab of Z starts its sums from zero, then joins M.
-  constexpr Index kKeys = 256;
+  constexpr Index kKeys = 128;
   ColMatrix<double> M = ColMatrix<double>::Zero(n, n);  // lower triangle of Z^T Z
   for (Index k0 = 0; k0 < d; k0 += kKeys) {
     linalg::SecondMoment slab(n);
