@@ -304,7 +304,8 @@ TEST(SpdFactor, BlockedSolvesWithManyRightHandSides) {
   const ColMatrix<double> inv = reference_inverse(C);
   const ColMatrix<double> L = f.matrix_l();
   const double tol = 100 * (C.norm() * inv.norm()) * 0x1.0p-52;
-  for (Index n : {16, 37}) {
+  // 200 right-hand sides: two per-thread column slices with 2 threads.
+  for (Index n : {16, 37, 200}) {
     SCOPED_TRACE(n);
     const ColMatrix<double> B = ColMatrix<double>::Random(d, n);
     EXPECT_LT(rel_diff(f.solve_many(B), inv * B), tol);
@@ -317,8 +318,15 @@ TEST(SpdFactor, BlockedSolvesWithManyRightHandSides) {
     const ColMatrix<double> one = f.solve_many(B);
     lowrank::set_num_threads(2);
     const ColMatrix<double> two = f.solve_many(B);
+    const ColMatrix<double> half_two = f.half_solve(B), half_t_two = f.half_solve_transposed(B);
+    lowrank::set_num_threads(3);
+    const ColMatrix<double> three = f.solve_many(B), half_three = f.half_solve(B),
+                            half_t_three = f.half_solve_transposed(B);
     lowrank::set_num_threads(0);
     EXPECT_EQ(one, two);
+    EXPECT_EQ(one, three);
+    EXPECT_EQ(half_two, half_three);
+    EXPECT_EQ(half_t_two, half_t_three);
   }
   EXPECT_EQ(f.solve_many(ColMatrix<double>(d, 0)).cols(), 0);
 }
