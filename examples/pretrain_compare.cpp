@@ -8,9 +8,10 @@
 //
 // 1. Data: examples/data/alice29.txt (Alice's Adventures in Wonderland, public domain; see
 //    examples/data/README.md), one token per character (73 symbols, newline included). The
-//    first 90% of the text is the training set, the last 10% (from late in chapter XI to the end) the held-out set. A window is
-//    `ctx` characters and the character that follows; the training windows are shuffled once with
-//    a fixed Philox key, and every method reads the same batches in the same order.
+//    first 90% of the text is the training set, the last 10% (from late in chapter XI to the
+//    end) the held-out set. A window is `ctx` characters and the character that follows; the
+//    training windows are shuffled once with a fixed Philox key, and every method reads the same
+//    batches in the same order.
 // 2. Model (fp32, gradients written out by hand and checked by finite differences in fp64 at
 //    start-up): the embeddings of the `ctx` previous characters concatenated (16 x 32 = 512), then
 //    `h1 = tanh(W1 x + b1)` (W1: 256 x 512), `h2 = relu(W2 h1 + b2)` (W2: 256 x 256),
