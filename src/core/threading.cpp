@@ -2,6 +2,8 @@
 
 #include <atomic>
 
+#include <Eigen/Core>
+
 #if defined(LOWRANK_HAVE_OPENMP)
 #include <omp.h>
 #endif
@@ -11,7 +13,15 @@ namespace {
 std::atomic<int> g_threads{0};
 }
 
-void set_num_threads(int threads) { g_threads.store(threads > 0 ? threads : 0, std::memory_order_relaxed); }
+void set_num_threads(int threads) {
+  g_threads.store(threads > 0 ? threads : 0, std::memory_order_relaxed);
+#if defined(LOWRANK_HAVE_OPENMP)
+  // The Eigen products inside lowrank's compiled code (SVDs, small solves, the optimizers'
+  // r x r products) use OpenMP too: cap them with the same count, or idle OpenMP threads spin
+  // against the caller's (measured: 10x slower Online Subspace Descent steps on a busy 2-core VM).
+  Eigen::setNbThreads(threads > 0 ? threads : 0);
+#endif
+}
 
 int num_threads() noexcept {
 #if defined(LOWRANK_HAVE_OPENMP)
