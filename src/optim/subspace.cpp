@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <utility>
 
@@ -14,6 +15,10 @@
 #include "lowrank/core/threading.hpp"
 #include "lowrank/kernels/rank_update.hpp"
 #include "lowrank/linalg/svd.hpp"
+
+#if defined(LOWRANK_HAVE_OPENMP)
+#include <omp.h>
+#endif
 
 LOWRANK_BEGIN_NAMESPACE
 
@@ -31,9 +36,21 @@ const char* side_name(Side s) { return s == Side::left ? "left" : "right"; }
 
 // First (row, col) of a non-finite entry, or (-1, -1).
 std::pair<Index, Index> first_nonfinite(MatrixView<const float> G) {
-  for (Index i = 0; i < G.rows; ++i)
+  for (Index i = 0; i < G.rows; ++i) {
+    if (G.col_stride == 1) {
+      // Exponent bits all ones <=> NaN or infinity; an OR over the row vectorizes.
+      const float* row = &G(i, 0);
+      unsigned bad = 0;
+      for (Index j = 0; j < G.cols; ++j) {
+        std::uint32_t b;
+        std::memcpy(&b, row + j, sizeof b);
+        bad |= static_cast<unsigned>((b & 0x7f800000u) == 0x7f800000u);
+      }
+      if (bad == 0) continue;
+    }
     for (Index j = 0; j < G.cols; ++j)
       if (!std::isfinite(G(i, j))) return {i, j};
+  }
   return {-1, -1};
 }
 
@@ -533,11 +550,11 @@ StepReport SubspaceOptimizer::step(MatrixView<float> W, MatrixView<const float> 
   StepReport report;
   report.update_gap = gap_;
   const bool refresh = refresh_due();
-  // Non-finite gradients: a full scan when G is read element-wise anyway (refresh, coordinates,
-  // residual, online PCA); otherwise the projection R is checked, which is non-finite whenever G
-  // is (every G entry enters every R entry of its row/column through an fma, and inf * 0 = NaN).
-  const bool scan = refresh || projector_.is_coordinates() || config_.residual != ResidualRule::none ||
-                    config_.online_pca;
+  // Non-finite gradients: a full scan at a refresh and for coordinate (or empty) bases; with a
+  // dense basis the projection R is checked instead, which is non-finite whenever G is (every G
+  // entry enters every R entry of its row/column through an fma, and inf * 0 = NaN), so the
+  // residual path and the online-PCA step never see a non-finite G either.
+  const bool scan = refresh || projector_.is_coordinates() || config_.rank == 0;
   if (scan) {
     const auto bad = first_nonfinite(G);
     if (bad.first >= 0) {
@@ -598,35 +615,22 @@ void SubspaceOptimizer::apply_residual(MatrixView<float> W, MatrixView<const flo
   const Side side = projector_.side();
   const Index r = projector_.rank();
   // Fira needs the norm of the whole scaled residual before applying it: one block of all rows.
-  // sign/sgd go block by block so the residual stays in cache.
+  // sign/sgd go block by block (rows), the blocks spread over the threads, each thread with its
+  // own block buffer, so the residual stays in cache and W is read and written once.
   const Index block_rows =
       fira ? rows_ : std::max<Index>(1, std::min<Index>(rows_, (Index{1} << 20) / std::max<Index>(1, cols_)));
-  block_.resize(block_rows, cols_);
-  // Fira's phi: one factor per row (right) or column (left) of the unprojected dimension.
-  Vector<float> phi;
-  if (fira) {
-    if (side == Side::right) {
-      phi.resize(rows_);
-      for (Index i = 0; i < rows_; ++i) {
-        const double n = N_.row(i).cast<double>().norm(), g = R_.row(i).cast<double>().norm();
-        phi(i) = static_cast<float>(n / (g + 1e-8));
-      }
-    } else {
-      phi.resize(cols_);
-      for (Index j = 0; j < cols_; ++j) {
-        const double n = N_.col(j).cast<double>().norm(), g = R_.col(j).cast<double>().norm();
-        phi(j) = static_cast<float>(n / (g + 1e-8));
-      }
-    }
-  }
-  const float lr_f = static_cast<float>(lr * config_.residual_lr_scale);
-  double applied2 = 0;
-  for (Index i0 = 0; i0 < rows_; i0 += block_rows) {
-    const Index nb = std::min(block_rows, rows_ - i0);
-    // T = G[i0:i0+nb, :] - c back(R)[i0:i0+nb, :]
+  const Index blocks = (rows_ + block_rows - 1) / block_rows;
+  int threads = fira ? 1 : num_threads();
+  threads = static_cast<int>(std::max<Index>(1, std::min<Index>(threads, blocks)));
+  block_.resize(block_rows * threads, cols_);
+  RankUpdateOptions one;
+  one.max_threads = fira ? 0 : 1;
+  // T = G[i0:i0+nb, :] - c back(R)[i0:i0+nb, :] into buf (nb x cols, row-major).
+  const auto residual_block = [&](Index i0, Index nb, float* buf) {
     for (Index i = 0; i < nb; ++i)
-      for (Index j = 0; j < cols_; ++j) block_(i, j) = G(i0 + i, j);
-    const MatrixView<float> T(block_.data(), nb, cols_, cols_, 1);
+      for (Index j = 0; j < cols_; ++j) buf[i * cols_ + j] = G(i0 + i, j);
+    const MatrixView<float> T(buf, nb, cols_, cols_, 1);
+    if (r == 0) return;
     if (projector_.is_coordinates()) {
       const auto& idx = projector_.indices();
       if (side == Side::left) {
@@ -639,31 +643,72 @@ void SubspaceOptimizer::apply_residual(MatrixView<float> W, MatrixView<const flo
         for (Index i = 0; i < nb; ++i)
           for (Index k = 0; k < r; ++k) T(i, idx[static_cast<std::size_t>(k)]) -= static_cast<float>(c * R_(i0 + i, k));
       }
-    } else if (r > 0) {
-      const float* P = projector_.basis().data();
-      if (side == Side::left) {
-        const MatrixView<const float> U(P + i0, nb, r, 1, rows_);         // P[i0:i0+nb, :]
-        const MatrixView<const float> V(R_.data(), cols_, r, 1, cols_);   // R^T
-        rank_update(T, U, V, -c);
-      } else {
-        const MatrixView<const float> U(R_.data() + i0 * r, nb, r, r, 1);  // R[i0:i0+nb, :]
-        const MatrixView<const float> V(P, cols_, r, 1, cols_);            // Q
-        rank_update(T, U, V, -c);
+      return;
+    }
+    const float* P = projector_.basis().data();
+    if (side == Side::left) {
+      const MatrixView<const float> U(P + i0, nb, r, 1, rows_);        // P[i0:i0+nb, :]
+      const MatrixView<const float> V(R_.data(), cols_, r, 1, cols_);  // R^T
+      rank_update(T, U, V, -c, one);
+    } else {
+      const MatrixView<const float> U(R_.data() + i0 * r, nb, r, r, 1);  // R[i0:i0+nb, :]
+      const MatrixView<const float> V(P, cols_, r, 1, cols_);            // Q
+      rank_update(T, U, V, -c, one);
+    }
+  };
+  if (!fira) {
+    const bool sign = config_.residual == ResidualRule::sign_sgd;
+    const float lr_f = static_cast<float>(lr * config_.residual_lr_scale);
+    double applied2 = 0;
+#if defined(LOWRANK_HAVE_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : applied2) if (threads > 1)
+#endif
+    for (Index b = 0; b < blocks; ++b) {
+#if defined(LOWRANK_HAVE_OPENMP)
+      float* buf = block_.data() + static_cast<Index>(omp_get_thread_num()) * block_rows * cols_;
+#else
+      float* buf = block_.data();
+#endif
+      const Index i0 = b * block_rows, nb = std::min(block_rows, rows_ - i0);
+      residual_block(i0, nb, buf);
+      for (Index i = 0; i < nb; ++i) {
+        const float* t = buf + i * cols_;
+        float row2 = 0;
+        if (W.col_stride == 1) {
+          float* w = &W(i0 + i, 0);
+          for (Index j = 0; j < cols_; ++j) {
+            const float d = sign ? (t[j] > 0.0f ? 1.0f : 0.0f) - (t[j] < 0.0f ? 1.0f : 0.0f) : t[j];
+            row2 += d * d;
+            w[j] -= lr_f * d;
+          }
+        } else {
+          for (Index j = 0; j < cols_; ++j) {
+            const float d = sign ? (t[j] > 0.0f ? 1.0f : 0.0f) - (t[j] < 0.0f ? 1.0f : 0.0f) : t[j];
+            row2 += d * d;
+            W(i0 + i, j) -= lr_f * d;
+          }
+        }
+        applied2 += static_cast<double>(row2);
       }
     }
-    if (fira) continue;  // applied below, after the norm is known
-    const bool sign = config_.residual == ResidualRule::sign_sgd;
-    for (Index i = 0; i < nb; ++i)
-      for (Index j = 0; j < cols_; ++j) {
-        const float t = T(i, j);
-        const float d = sign ? static_cast<float>((t > 0) - (t < 0)) : t;
-        applied2 += static_cast<double>(d) * d;
-        W(i0 + i, j) -= lr_f * d;
-      }
-  }
-  if (!fira) {
     report.residual_norm = std::sqrt(applied2);
     return;
+  }
+  residual_block(0, rows_, block_.data());
+  // Fira's phi: one factor per row (right) or column (left) of the unprojected dimension.
+  Vector<float> phi;
+  if (side == Side::right) {
+    phi.resize(rows_);
+    for (Index i = 0; i < rows_; ++i) {
+      const double n = N_.row(i).cast<double>().norm(), g = R_.row(i).cast<double>().norm();
+      phi(i) = static_cast<float>(n / (g + 1e-8));
+    }
+  } else {
+    phi.resize(cols_);
+    for (Index j = 0; j < cols_; ++j) {
+      const double n = N_.col(j).cast<double>().norm(), g = R_.col(j).cast<double>().norm();
+      phi(j) = static_cast<float>(n / (g + 1e-8));
+    }
   }
   // S = phi (.) T, limiter, W -= step_size S.
   double norm2 = 0;
