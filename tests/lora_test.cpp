@@ -18,6 +18,7 @@
 #include "lowrank/linalg/subspace.hpp"
 #include "reference_linalg.hpp"
 #include "test_util.hpp"
+#include "weight_util.hpp"
 
 namespace {
 
@@ -34,16 +35,11 @@ using lowrank_test::from_double;
 using lowrank_test::to_double;
 namespace adapt = lowrank::adapt;
 
-using M64 = RowMatrix<double>;
-
-M64 gaussian(Index rows, Index cols, std::uint64_t seed, double scale = 1.0) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> n(0.0, scale);
-  M64 m(rows, cols);
-  for (Index i = 0; i < rows; ++i)
-    for (Index j = 0; j < cols; ++j) m(i, j) = n(rng);
-  return m;
-}
+using lowrank_test::bitwise_equal;
+using lowrank_test::gaussian;
+using lowrank_test::load;
+using lowrank_test::M64;
+using lowrank_test::store;
 
 template <class T>
 LoraAdapter<T> random_adapter(Index out, Index in, Index r, double alpha, bool rslora, Layout layout,
@@ -71,30 +67,8 @@ M64 delta_ref(const LoraAdapter<T>& a, double weight = 1.0) {
   return d;
 }
 
-// Storage of an out x in fp64 matrix in the given layout and type.
-template <class TW>
-RowMatrix<TW> store(const M64& out_in, Layout layout) {
-  const M64 s = layout == Layout::out_in ? out_in : M64(out_in.transpose());
-  RowMatrix<TW> m(s.rows(), s.cols());
-  for (Index i = 0; i < s.rows(); ++i)
-    for (Index j = 0; j < s.cols(); ++j) m(i, j) = from_double<TW>(s(i, j));
-  return m;
-}
 
-// The stored weight back as an out x in fp64 matrix.
-template <class TW>
-M64 load(const RowMatrix<TW>& m, Layout layout) {
-  M64 s(m.rows(), m.cols());
-  for (Index i = 0; i < m.rows(); ++i)
-    for (Index j = 0; j < m.cols(); ++j) s(i, j) = to_double(m(i, j));
-  return layout == Layout::out_in ? s : M64(s.transpose());
-}
 
-template <class TW>
-bool bitwise_equal(const RowMatrix<TW>& a, const RowMatrix<TW>& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(TW) * static_cast<std::size_t>(a.size())) == 0;
-}
 
 // Precision p (significand bits incl. the implicit one) and smallest normal exponent.
 template <class T>

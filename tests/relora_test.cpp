@@ -26,6 +26,7 @@
 #include "lowrank/optim/prune.hpp"
 #include "lowrank/optim/schedule.hpp"
 #include "test_util.hpp"
+#include "weight_util.hpp"
 
 namespace {
 
@@ -42,16 +43,11 @@ using lowrank_test::unit_roundoff;
 namespace adapt = lowrank::adapt;
 namespace optim = lowrank::optim;
 
-using M64 = RowMatrix<double>;
-
-M64 gaussian(Index rows, Index cols, std::uint64_t seed, double scale = 1.0) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> n(0.0, scale);
-  M64 m(rows, cols);
-  for (Index i = 0; i < rows; ++i)
-    for (Index j = 0; j < cols; ++j) m(i, j) = n(rng);
-  return m;
-}
+using lowrank_test::bitwise_equal;
+using lowrank_test::gaussian;
+using lowrank_test::load;
+using lowrank_test::M64;
+using lowrank_test::store;
 
 template <class T>
 LoraAdapter<T> random_adapter(Index out, Index in, Index r, double alpha, Layout layout, std::uint64_t seed) {
@@ -87,28 +83,8 @@ M64 abs_delta_ref(const LoraAdapter<T>& a) {
   return delta_ref(b);
 }
 
-template <class TW>
-RowMatrix<TW> store(const M64& out_in, Layout layout) {
-  const M64 s = layout == Layout::out_in ? out_in : M64(out_in.transpose());
-  RowMatrix<TW> m(s.rows(), s.cols());
-  for (Index i = 0; i < s.rows(); ++i)
-    for (Index j = 0; j < s.cols(); ++j) m(i, j) = from_double<TW>(s(i, j));
-  return m;
-}
 
-template <class TW>
-M64 load(const RowMatrix<TW>& m, Layout layout) {
-  M64 s(m.rows(), m.cols());
-  for (Index i = 0; i < m.rows(); ++i)
-    for (Index j = 0; j < m.cols(); ++j) s(i, j) = to_double(m(i, j));
-  return layout == Layout::out_in ? s : M64(s.transpose());
-}
 
-template <class T>
-bool bitwise_equal(const RowMatrix<T>& a, const RowMatrix<T>& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0;
-}
 
 bool bitwise_equal(std::span<const float> a, std::span<const float> b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
