@@ -597,6 +597,22 @@ TEST(Frugal, EmptySubspaceEqualsSignSgdAndCoordinatesMaskTheGradient) {
     for (Index j = 0; j < n; ++j) EXPECT_EQ(B(i, j), (j == 1 || j == 4) ? G(i, j) : 0.0f);
 }
 
+TEST(Frugal, NonFiniteGradientIsCaughtBeforeTheResidualPathForEveryBasis) {
+  const Index m = 12, n = 9;
+  for (const auto method : {BasisMethod::exact_svd, BasisMethod::coordinates}) {
+    SubspaceOptimizer opt(m, n, frugal_config(m, n, 0.34, method));
+    RowMatrix<float> W = randn(m, n, 22);
+    opt.step(mv(W), cmv(randn(m, n, 23)), 0.01);
+    const RowMatrix<float> W0 = W, m0 = opt.state().m;
+    RowMatrix<float> G = randn(m, n, 24);
+    G(7, 2) = -std::numeric_limits<float>::infinity();
+    EXPECT_NE(error_of([&] { opt.step(mv(W), cmv(G), 0.01); }).find("non-finite"), std::string::npos);
+    EXPECT_EQ(W, W0);
+    EXPECT_EQ(opt.state().m, m0);
+    EXPECT_EQ(opt.steps(), 1);
+  }
+}
+
 TEST(Frugal, ResetPolicyZerosStateAtEveryRefresh) {
   const Index m = 12, n = 10;
   SubspaceConfig c = frugal_config(m, n, 0.3, BasisMethod::random_orthogonal);

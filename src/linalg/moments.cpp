@@ -46,7 +46,7 @@ void syrk_lower(ColMatrix<double>& S, const MatrixView<const T>& K) {
   std::vector<double> apack(static_cast<std::size_t>(panels * mr * depth_max));
   std::vector<double> bpack(static_cast<std::size_t>(blocks * nr * depth_max));
   double* const s = S.data();
-  int threads = num_threads();
+  [[maybe_unused]] int threads = num_threads();
   if (static_cast<double>(d) * static_cast<double>(d) * static_cast<double>(K.rows) < 1 << 20) threads = 1;
   for (Index k0 = 0; k0 < K.rows; k0 += kKeyChunk) {
     const Index nk = std::min(kKeyChunk, K.rows - k0);
