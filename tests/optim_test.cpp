@@ -13,6 +13,7 @@
 #include <Eigen/SVD>
 
 #include "lowrank/core/error.hpp"
+#include "lowrank/core/threading.hpp"
 #include "lowrank/optim/adam.hpp"
 #include "lowrank/optim/projector.hpp"
 #include "lowrank/optim/subspace.hpp"
@@ -767,6 +768,32 @@ TEST(OnlineSubspaceDescent, VanishingBasisRateEqualsGaloreWithAFrozenBasis) {
     b.step(mv(Wb), cmv(G), 0.01);
   }
   EXPECT_EQ(Wa, Wb);
+}
+
+// ---- determinism --------------------------------------------------------------------------------
+
+TEST(Determinism, StepsGiveTheSameBitsOnAnyThreadCount) {
+  // Large enough for the threaded projection, back-projection and residual blocks.
+  const Index m = 300, n = 180;
+  const std::vector<SubspaceConfig> configs = {galore_config(40, BasisMethod::randomized_svd),
+                                               frugal_config(m, n, 0.2, BasisMethod::randomized_svd),
+                                               fira_config(24), online_subspace_descent_config(16)};
+  for (std::size_t k = 0; k < configs.size(); ++k) {
+    SCOPED_TRACE(k);
+    std::vector<RowMatrix<float>> results;
+    for (int threads : {1, 2, 3}) {
+      lowrank::set_num_threads(threads);
+      SubspaceConfig c = configs[k];
+      c.update_gap = 2;
+      SubspaceOptimizer opt(m, n, c);
+      RowMatrix<float> W = randn(m, n, 25);
+      for (int t = 0; t < 4; ++t) opt.step(mv(W), cmv(spectral(m, n, 30, 260 + t)), 0.01);
+      results.push_back(W);
+    }
+    lowrank::set_num_threads(0);
+    EXPECT_EQ(results[0], results[1]);
+    EXPECT_EQ(results[0], results[2]);
+  }
 }
 
 // ---- memory accounting ----------------------------------------------------------------------------
