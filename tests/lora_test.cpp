@@ -36,6 +36,7 @@ using lowrank_test::to_double;
 namespace adapt = lowrank::adapt;
 
 using lowrank_test::bitwise_equal;
+using lowrank_test::delta_ref;
 using lowrank_test::gaussian;
 using lowrank_test::load;
 using lowrank_test::M64;
@@ -52,23 +53,6 @@ LoraAdapter<T> random_adapter(Index out, Index in, Index r, double alpha, bool r
   a.layout = layout;
   return a;
 }
-
-// Naive fp64 reference of s * B * A (out x in), from the factors as stored.
-template <class T>
-M64 delta_ref(const LoraAdapter<T>& a, double weight = 1.0) {
-  const double s = weight * (a.use_rslora ? a.alpha / std::sqrt(double(a.rank())) : a.alpha / double(a.rank()));
-  M64 d = M64::Zero(a.out_features(), a.in_features());
-  for (Index i = 0; i < d.rows(); ++i)
-    for (Index j = 0; j < d.cols(); ++j) {
-      double acc = 0;
-      for (Index k = 0; k < a.rank(); ++k) acc += double(a.B(i, k)) * double(a.A(k, j));
-      d(i, j) = s * acc;
-    }
-  return d;
-}
-
-
-
 
 // Precision p (significand bits incl. the implicit one) and smallest normal exponent.
 template <class T>

@@ -44,6 +44,7 @@ namespace adapt = lowrank::adapt;
 namespace optim = lowrank::optim;
 
 using lowrank_test::bitwise_equal;
+using lowrank_test::delta_ref;
 using lowrank_test::gaussian;
 using lowrank_test::load;
 using lowrank_test::M64;
@@ -59,20 +60,6 @@ LoraAdapter<T> random_adapter(Index out, Index in, Index r, double alpha, Layout
   return a;
 }
 
-// Naive fp64 s B A (out x in).
-template <class T>
-M64 delta_ref(const LoraAdapter<T>& a) {
-  const double s = a.use_rslora ? a.alpha / std::sqrt(double(a.rank())) : a.alpha / double(a.rank());
-  M64 d = M64::Zero(a.out_features(), a.in_features());
-  for (Index i = 0; i < d.rows(); ++i)
-    for (Index j = 0; j < d.cols(); ++j) {
-      double acc = 0;
-      for (Index k = 0; k < a.rank(); ++k) acc += double(a.B(i, k)) * double(a.A(k, j));
-      d(i, j) = s * acc;
-    }
-  return d;
-}
-
 // |s| |B| |A| (out x in): scale of the rounding error of the delta.
 template <class T>
 M64 abs_delta_ref(const LoraAdapter<T>& a) {
@@ -82,9 +69,6 @@ M64 abs_delta_ref(const LoraAdapter<T>& a) {
   b.alpha = std::abs(a.alpha);
   return delta_ref(b);
 }
-
-
-
 
 bool bitwise_equal(std::span<const float> a, std::span<const float> b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;

@@ -3,9 +3,11 @@
 #pragma once
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <random>
 
+#include "lowrank/adapt/lora.hpp"
 #include "lowrank/core/layout.hpp"
 #include "lowrank/core/matrix.hpp"
 #include "test_util.hpp"
@@ -41,6 +43,20 @@ M64 load(const lowrank::RowMatrix<TW>& m, lowrank::Layout layout) {
   for (Index i = 0; i < m.rows(); ++i)
     for (Index j = 0; j < m.cols(); ++j) s(i, j) = to_double(m(i, j));
   return layout == lowrank::Layout::out_in ? s : M64(s.transpose());
+}
+
+/// Naive fp64 reference of `weight * s * B * A` (out x in), from the factors as stored.
+template <class T>
+M64 delta_ref(const lowrank::adapt::LoraAdapter<T>& a, double weight = 1.0) {
+  const double s = weight * (a.use_rslora ? a.alpha / std::sqrt(double(a.rank())) : a.alpha / double(a.rank()));
+  M64 d = M64::Zero(a.out_features(), a.in_features());
+  for (Index i = 0; i < d.rows(); ++i)
+    for (Index j = 0; j < d.cols(); ++j) {
+      double acc = 0;
+      for (Index k = 0; k < a.rank(); ++k) acc += double(a.B(i, k)) * double(a.A(k, j));
+      d(i, j) = s * acc;
+    }
+  return d;
 }
 
 template <class T>

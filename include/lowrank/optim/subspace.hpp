@@ -149,8 +149,10 @@ struct StepReport {
 ///
 /// W and G are views of the same shape, any strides (rows = `out` for a torch `nn.Linear`
 /// weight; the side rule sees the matrix as given). The optimizer allocates its state once, at
-/// construction and at the first refresh; a step allocates nothing after the first one (a
-/// per-object workspace of `workspace_bytes()` holds R, N and the residual blocks).
+/// the first step; a per-object workspace of `workspace_bytes()` holds R, N and the residual
+/// blocks, so the GaLore and FRUGAL steps allocate nothing after the first one. Refreshes, Fira's
+/// per-row factors and the Online Subspace Descent basis step allocate small temporaries
+/// (`r x side_length` and smaller) when they run.
 class SubspaceOptimizer {
  public:
   /// \throws Error on invalid shape, rank, gap, scale, Adam config or residual options.
