@@ -36,4 +36,6 @@
 #include "lowrank/optim/prune.hpp"
 #include "lowrank/optim/schedule.hpp"
 #include "lowrank/optim/subspace.hpp"
+#include "lowrank/es/eggroll.hpp"
+#include "lowrank/es/noise.hpp"
 #include "lowrank/version.hpp"

@@ -73,11 +73,12 @@ struct ForwardOptions {
 /// share one generation) in a per-thread buffer of `(in + out) r` floats and added as r dot
 /// products and r AXPYs per row. Nothing of size `N x (in + out) r` is stored.
 ///
-/// Arithmetic: `Y_t` is the base row (see `linear_forward`), then `c_j = fl(fl(sign sigma /
-/// sqrt(r)) * fl(X_t . B_k[:, j]))` (dot products accumulated in fp32 in index order) and
-/// `Y_t += c_j A_k[:, j]` for j = 0..r-1 with fused multiply-adds, then the bias. Each row is
-/// bitwise independent of the thread count and of the other rows in the batch (within one base
-/// path: see `lora_forward_gemm_tokens`).
+/// Arithmetic: `Y_t` is the base row with the bias (exactly `linear_forward`), then for j = 0..r-1
+/// `c_j = fl(fl(sign sigma / sqrt(r)) * (X_t . B_k[:, j]))` (an fp32 dot product in the target's
+/// vector lanes) and `Y_t += c_j A_k[:, j]` (fused multiply-adds on SIMD targets). For a given
+/// target each row is bitwise independent of the thread count and of the other rows in the batch
+/// (within one base path: see `lora_forward_gemm_tokens`); the noise itself is the same bits on
+/// every target.
 ///
 /// \param X        `tokens x in`, fp32, any strides
 /// \param W        the base weight (fp32, bf16 or fp16 storage; either layout)
@@ -224,7 +225,7 @@ struct TellResult {
   double max_fitness = 0;      ///< raw (best for maximize), finite values only
   double min_fitness = 0;
   std::int64_t replaced = 0;   ///< non-finite values replaced (`NonFiniteFitness::worst`)
-  double update_norm = 0;      ///< Frobenius norm of the step applied, over all parameters
+  double update_norm = 0;      ///< Frobenius norm of G (before the optimizer), over all parameters
 };
 
 /// Caller memory of one parameter, in registration order, given to `tell`.

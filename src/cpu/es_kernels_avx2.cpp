@@ -1,0 +1,162 @@
+// AVX2 + FMA ES kernels (compiled with -mavx2 -mfma -mf16c; chosen at run time): Philox4x32-10 on
+// eight counters at once and the portable Box-Muller transform of core/philox.hpp lane by lane.
+// Every lane performs exactly the scalar sequence of correctly rounded operations, so the normals
+// are bitwise those of es::noise_normals4.
+#include <immintrin.h>
+
+#include "es_kernels_api.hpp"
+
+LOWRANK_BEGIN_NAMESPACE
+namespace detail {
+namespace {
+
+// hi and lo halves of the 32 x 32 -> 64-bit products of each lane of x with the constant m.
+inline void mulhilo8(__m256i x, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(x, m);                         // lanes 0, 2, 4, 6 as 64-bit
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);   // lanes 1, 3, 5, 7
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+// Philox4x32-10 of the counters (c0 + lane, c1, c2, c3) under key (k0, k1), as four vectors of words.
+inline void philox8(__m256i c0, __m256i c1, __m256i c2, __m256i c3, std::uint32_t k0, std::uint32_t k1,
+                    __m256i out[4]) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo8(c0, m0, hi0, lo0);
+    mulhilo8(c2, m1, hi1, lo1);
+    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
+}
+
+// normal_pair (core/philox.hpp) on eight word pairs.
+inline void normal_pair8(__m256i w0, __m256i w1, __m256& c_out, __m256& s_out) {
+  // Radius.
+  const __m256 k = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_srli_epi32(w0, 8), _mm256_set1_epi32(1)));
+  const __m256i kb = _mm256_castps_si256(k);
+  const __m256i mant = _mm256_and_si256(kb, _mm256_set1_epi32(0x007fffff));
+  const __m256i big = _mm256_cmpgt_epi32(mant, _mm256_set1_epi32(0x3504f3));  // -1 where m > sqrt(2)
+  const __m256i e = _mm256_sub_epi32(_mm256_sub_epi32(_mm256_srli_epi32(kb, 23), _mm256_set1_epi32(127 + 24)), big);
+  const __m256 m = _mm256_castsi256_ps(
+      _mm256_or_si256(mant, _mm256_add_epi32(_mm256_set1_epi32(127 << 23), _mm256_slli_epi32(big, 23))));
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 s = _mm256_div_ps(_mm256_sub_ps(m, one), _mm256_add_ps(m, one));
+  const __m256 s2 = _mm256_mul_ps(s, s);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(detail::kAtanh9), s2, _mm256_set1_ps(detail::kAtanh7));
+  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(detail::kAtanh5));
+  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(detail::kAtanh3));
+  p = _mm256_fmadd_ps(p, s2, one);
+  const __m256 ln_m = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(2.0f), s), p);
+  const __m256 ef = _mm256_cvtepi32_ps(e);
+  const __m256 ln_u = _mm256_fmadd_ps(ef, _mm256_set1_ps(detail::kLn2Hi),
+                                      _mm256_fmadd_ps(ef, _mm256_set1_ps(detail::kLn2Lo), ln_m));
+  const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), ln_u));
+  // Angle.
+  const __m256i j = _mm256_srli_epi32(w1, 8);
+  const __m256i q = _mm256_srli_epi32(_mm256_add_epi32(j, _mm256_set1_epi32(1 << 21)), 22);
+  const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(j, _mm256_slli_epi32(q, 22))),
+                                 _mm256_set1_ps(0x1.0p-22f));
+  const __m256 t2 = _mm256_mul_ps(t, t);
+  __m256 ps = _mm256_fmadd_ps(_mm256_set1_ps(detail::kSin9), t2, _mm256_set1_ps(detail::kSin7));
+  ps = _mm256_fmadd_ps(ps, t2, _mm256_set1_ps(detail::kSin5));
+  ps = _mm256_fmadd_ps(ps, t2, _mm256_set1_ps(detail::kSin3));
+  ps = _mm256_fmadd_ps(ps, t2, _mm256_set1_ps(detail::kSin1));
+  const __m256 sin_t = _mm256_mul_ps(t, ps);
+  __m256 pc = _mm256_fmadd_ps(_mm256_set1_ps(detail::kCos10), t2, _mm256_set1_ps(detail::kCos8));
+  pc = _mm256_fmadd_ps(pc, t2, _mm256_set1_ps(detail::kCos6));
+  pc = _mm256_fmadd_ps(pc, t2, _mm256_set1_ps(detail::kCos4));
+  pc = _mm256_fmadd_ps(pc, t2, _mm256_set1_ps(detail::kCos2));
+  const __m256 cos_t = _mm256_fmadd_ps(pc, t2, one);
+  // Quadrant: odd q swaps sine and cosine; the cosine branch is negated for q = 1, 2, the sine
+  // branch for q = 2, 3 (sign-bit flips, exactly the scalar code's negations).
+  const __m256 odd = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(q, _mm256_set1_epi32(1)),
+                                                            _mm256_set1_epi32(1)));
+  const __m256 a = _mm256_blendv_ps(cos_t, sin_t, odd);
+  const __m256 b = _mm256_blendv_ps(sin_t, cos_t, odd);
+  const __m256i neg_c = _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(q, _mm256_set1_epi32(1)),
+                                                           _mm256_set1_epi32(2)), 30);
+  const __m256i neg_s = _mm256_slli_epi32(_mm256_and_si256(q, _mm256_set1_epi32(2)), 30);
+  c_out = _mm256_mul_ps(radius, _mm256_xor_ps(a, _mm256_castsi256_ps(neg_c)));
+  s_out = _mm256_mul_ps(radius, _mm256_xor_ps(b, _mm256_castsi256_ps(neg_s)));
+}
+
+void normals_avx2(const es::NoiseKey& key, std::uint32_t index, std::uint32_t first_block, std::uint64_t blocks,
+                  float* out) {
+  const std::uint32_t k0 = static_cast<std::uint32_t>(key.seed), k1 = static_cast<std::uint32_t>(key.seed >> 32);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i c1 = _mm256_set1_epi32(static_cast<int>(index));
+  const __m256i c2 = _mm256_set1_epi32(static_cast<int>(key.epoch));
+  const __m256i c3 = _mm256_set1_epi32(static_cast<int>(key.layer));
+  std::uint64_t b = 0;
+  for (; b + 8 <= blocks; b += 8) {
+    const __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_block + static_cast<std::uint32_t>(b))), lane);
+    __m256i w[4];
+    philox8(c0, c1, c2, c3, k0, k1, w);
+    __m256 c01, s01, c23, s23;
+    normal_pair8(w[0], w[1], c01, s01);
+    normal_pair8(w[2], w[3], c23, s23);
+    // Transpose to block order: block l -> (c01[l], s01[l], c23[l], s23[l]).
+    const __m256 t0 = _mm256_unpacklo_ps(c01, s01), t1 = _mm256_unpackhi_ps(c01, s01);
+    const __m256 t2 = _mm256_unpacklo_ps(c23, s23), t3 = _mm256_unpackhi_ps(c23, s23);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    float* o = out + 4 * b;
+    _mm256_storeu_ps(o, _mm256_permute2f128_ps(u0, u1, 0x20));
+    _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
+    _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
+    _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+  }
+  for (; b < blocks; ++b) es::noise_normals4(key, index, static_cast<std::uint32_t>(first_block + b), out + 4 * b);
+}
+
+// Horizontal sum of the eight lanes in a fixed order.
+inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+void row_term_avx2(const float* x, const float* bt, const float* at, std::ptrdiff_t in, std::ptrdiff_t out, int r,
+                   float scale, float* y) {
+  for (int j = 0; j < r; ++j) {
+    const float* b = bt + j * in;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    std::ptrdiff_t i = 0;
+    for (; i + 16 <= in; i += 16) {
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(b + i), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    float dot = hsum8(_mm256_add_ps(acc0, acc1));
+    for (; i < in; ++i) dot = std::fma(x[i], b[i], dot);
+    const float c = scale * dot;
+    const __m256 cv = _mm256_set1_ps(c);
+    const float* a = at + j * out;
+    std::ptrdiff_t o = 0;
+    for (; o + 8 <= out; o += 8) _mm256_storeu_ps(y + o, _mm256_fmadd_ps(cv, _mm256_loadu_ps(a + o), _mm256_loadu_ps(y + o)));
+    for (; o < out; ++o) y[o] = std::fma(c, a[o], y[o]);
+  }
+}
+
+}  // namespace
+
+const EsKernels es_kernels_avx2{normals_avx2, row_term_avx2};
+
+}  // namespace detail
+LOWRANK_END_NAMESPACE

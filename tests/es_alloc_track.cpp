@@ -1,0 +1,30 @@
+// Replaces the global operator new/delete for lowrank_es_tests: records the largest single
+// allocation while `g_track` is set (a separate file, so that no allocation and its release are
+// visible together to the compiler).
+#include <atomic>
+#include <cstdlib>
+#include <new>
+
+std::atomic<bool> g_track{false};
+std::atomic<std::size_t> g_largest{0};
+
+namespace {
+void note(std::size_t n) {
+  if (!g_track.load(std::memory_order_relaxed)) return;
+  std::size_t cur = g_largest.load(std::memory_order_relaxed);
+  while (n > cur && !g_largest.compare_exchange_weak(cur, n)) {
+  }
+}
+void* allocate(std::size_t n) {
+  note(n);
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+}  // namespace
+
+void* operator new(std::size_t n) { return allocate(n); }
+void* operator new[](std::size_t n) { return allocate(n); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
