@@ -1,0 +1,58 @@
+/// \file
+/// The fused LoRA forward \f$ Y = X W^\top + s\,(X A^\top) B^\top \f$ for token batches on a CUDA
+/// device, mirroring `lowrank::lora_forward` (kernels/lora_forward.hpp).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "lowrank/core/config.hpp"
+#include "lowrank/cuda/device.hpp"
+
+LOWRANK_BEGIN_NAMESPACE
+
+namespace cuda {
+
+/// Bytes of device workspace `lora_forward` needs for `tokens` tokens and rank `rank` (the
+/// intermediate `T = s X A^T`, padded). 0 when no workspace is needed.
+[[nodiscard]] std::size_t lora_forward_workspace_bytes(std::int64_t tokens, std::int64_t rank) noexcept;
+
+/// Fused LoRA forward of one adapter on the device, enqueued on `stream`:
+/// \f$ Y = X W_{out \times in}^\top + s\,(X A^\top) B^\top \f$, Y overwritten.
+///
+/// \tparam T    storage type of every operand: fp32 or bf16 (fp32 accumulation for both; fp32
+///              runs true fp32 products, never TF32)
+/// \param X     `tokens x in` device matrix
+/// \param W     `out x in` device matrix (a column-major view is the `in x out` layout)
+/// \param A     `r x in`
+/// \param B     `out x r`
+/// \param scale finite
+/// \param Y     `tokens x out`; must not overlap the other operands or the workspace
+/// \param workspace, workspace_bytes device memory of at least
+///              `lora_forward_workspace_bytes(tokens, r)` bytes, 256-byte aligned; not read
+///              before it is written; free to reuse once the stream has passed this call
+///
+/// Every matrix must have unit stride along one of its two dimensions (cuBLAS leading-dimension
+/// layouts). Arithmetic: `T = s X A^T` (fp32 accumulation, rounded to the storage type), then
+/// `Y = X W^T + T B^T` with the low-rank product accumulated in fp32 and rounded into Y before the
+/// base product adds to it (cuBLAS, beta = 1). So bf16 results agree with the CPU's fp32 forward of
+/// the same (widened) inputs to bf16 rounding, not bitwise. Uses a cuBLAS handle per host thread
+/// and device, created on first use.
+///
+/// \throws Error (nothing enqueued, Y unchanged) if shapes disagree, scale is not finite, a view
+/// has no unit stride or a non-positive stride, a non-empty view's pointer is null or not device
+/// memory, Y overlaps an input or the workspace, the workspace is too small or misaligned, or no
+/// CUDA device is available; a failed cuBLAS call or launch throws `Error` too.
+template <ForwardScalar T>
+void lora_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, DeviceMatrix<const T> A,
+                  DeviceMatrix<const T> B, double scale, DeviceMatrix<T> Y, void* workspace,
+                  std::size_t workspace_bytes, cudaStream_t stream = nullptr);
+
+/// The base forward alone, \f$ Y = X W^\top \f$ (one cuBLAS GEMM), with the conventions of
+/// `lora_forward`: the baseline the fused forward is measured against.
+template <ForwardScalar T>
+void linear_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, DeviceMatrix<T> Y, cudaStream_t stream = nullptr);
+
+}  // namespace cuda
+
+LOWRANK_END_NAMESPACE

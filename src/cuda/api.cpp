@@ -1,0 +1,449 @@
+// Host side of lowrank::cuda: argument validation (lowrank::Error, nothing enqueued on error),
+// canonicalisation, cuBLAS calls and kernel launches (launch.hpp, *.cu).
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <utility>
+
+#include "launch.hpp"
+#include "lowrank/core/error.hpp"
+#include "lowrank/cuda/eggroll.hpp"
+#include "lowrank/cuda/lora_forward.hpp"
+#include "lowrank/cuda/rank_update.hpp"
+
+LOWRANK_BEGIN_NAMESPACE
+namespace cuda {
+
+bool device_available(std::string* reason) {
+  int count = 0;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();
+    if (reason != nullptr) *reason = cudaGetErrorString(status);
+    return false;
+  }
+  if (count == 0) {
+    if (reason != nullptr) *reason = "the CUDA runtime reports 0 devices";
+    return false;
+  }
+  return true;
+}
+
+namespace detail {
+namespace {
+
+using lowrank::detail::fail;
+
+template <class T>
+Dtype dtype_of() {
+  if constexpr (std::same_as<std::remove_cv_t<T>, float>) {
+    return Dtype::f32;
+  } else if constexpr (std::same_as<std::remove_cv_t<T>, bf16>) {
+    return Dtype::bf16;
+  } else {
+    return Dtype::f16;
+  }
+}
+
+template <class T>
+void check_shape(const char* fn, const char* name, const DeviceMatrix<T>& v) {
+  if (v.rows < 0 || v.cols < 0) fail(fn, "{} has negative shape {}x{}", name, v.rows, v.cols);
+  if (v.empty()) return;
+  if (v.data == nullptr) fail(fn, "{} is {}x{} but its data pointer is null", name, v.rows, v.cols);
+  if ((v.rows > 1 && v.row_stride <= 0) || (v.cols > 1 && v.col_stride <= 0)) {
+    fail(fn, "{} ({}x{}) has strides ({}, {}); strides must be positive", name, v.rows, v.cols, v.row_stride,
+         v.col_stride);
+  }
+}
+
+template <class T>
+std::pair<std::uintptr_t, std::uintptr_t> byte_span(const DeviceMatrix<T>& v) {
+  const auto first = reinterpret_cast<std::uintptr_t>(v.data);
+  const std::int64_t last = (v.rows - 1) * std::max<std::int64_t>(v.row_stride, 0) +
+                            (v.cols - 1) * std::max<std::int64_t>(v.col_stride, 0);
+  return {first, first + static_cast<std::uintptr_t>(last + 1) * sizeof(T)};
+}
+
+template <class A, class B>
+bool overlap(const DeviceMatrix<A>& a, const DeviceMatrix<B>& b) {
+  if (a.empty() || b.empty()) return false;
+  const auto [a0, a1] = byte_span(a);
+  const auto [b0, b1] = byte_span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+template <class T>
+bool self_overlapping(const DeviceMatrix<T>& v) {
+  if (v.rows <= 1 || v.cols <= 1) return false;
+  return !(v.row_stride >= v.cols * v.col_stride || v.col_stride >= v.rows * v.row_stride);
+}
+
+// One unit stride (cuBLAS layouts).
+template <class T>
+void check_blas_layout(const char* fn, const char* name, const DeviceMatrix<T>& v) {
+  if (v.empty()) return;
+  const bool row_major = v.col_stride == 1 || v.cols == 1;
+  const bool col_major = v.row_stride == 1 || v.rows == 1;
+  if (!row_major && !col_major) {
+    fail(fn, "{} ({}x{}) has strides ({}, {}); one of them must be 1", name, v.rows, v.cols, v.row_stride,
+         v.col_stride);
+  }
+  if (self_overlapping(v)) fail(fn, "{} ({}x{}, strides {}, {}) has overlapping elements", name, v.rows, v.cols,
+                                v.row_stride, v.col_stride);
+}
+
+void require_device(const char* fn) {
+  std::string reason;
+  if (!device_available(&reason)) fail(fn, "no CUDA device: {}", reason);
+}
+
+void check_cuda(const char* fn, cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();
+    fail(fn, "{} failed: {} ({})", what, cudaGetErrorString(status), cudaGetErrorName(status));
+  }
+}
+
+void check_pointer(const char* fn, const char* name, const void* p) {
+  cudaPointerAttributes attributes{};
+  const cudaError_t status = cudaPointerGetAttributes(&attributes, p);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();
+    fail(fn, "{}: cannot query its pointer {}: {}", name, p, cudaGetErrorString(status));
+  }
+  if (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged) {
+    fail(fn, "{}: pointer {} is not device memory (host or unregistered memory)", name, p);
+  }
+}
+template <class T>
+void check_device(const char* fn, const char* name, const DeviceMatrix<T>& v) {
+  if (!v.empty()) check_pointer(fn, name, static_cast<const void*>(v.data));
+}
+
+// ---- cuBLAS ------------------------------------------------------------------------------------
+
+const char* blas_status_name(cublasStatus_t s) {
+  switch (s) {
+    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    default: return "cuBLAS error";
+  }
+}
+
+void check_blas(const char* fn, cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) fail(fn, "{} failed: {}", what, blas_status_name(s));
+}
+
+// One handle per host thread and device, never destroyed (destroying handles at thread or process
+// exit can run after the CUDA runtime has shut down).
+cublasHandle_t handle_for(const char* fn, cudaStream_t stream) {
+  thread_local std::unordered_map<int, cublasHandle_t> handles;
+  int device = 0;
+  check_cuda(fn, cudaGetDevice(&device), "cudaGetDevice");
+  auto it = handles.find(device);
+  if (it == handles.end()) {
+    cublasHandle_t h = nullptr;
+    check_blas(fn, cublasCreate(&h), "cublasCreate");
+    it = handles.emplace(device, h).first;
+  }
+  check_blas(fn, cublasSetStream(it->second, stream), "cublasSetStream");
+  return it->second;
+}
+
+struct Operand {
+  const void* p;
+  std::int64_t ld;
+  bool col;  // column-major in memory
+};
+template <class T>
+Operand operand(const DeviceMatrix<T>& v) {
+  if (v.col_stride == 1 && !(v.row_stride == 1 && v.cols > 1)) {
+    return {v.data, std::max<std::int64_t>({v.row_stride, v.cols, 1}), false};
+  }
+  return {v.data, std::max<std::int64_t>({v.col_stride, v.rows, 1}), true};
+}
+
+// C = alpha A B + beta C (A m x k, B k x n, C m x n), fp32 accumulation.
+template <class T>
+void gemm(const char* fn, cublasHandle_t h, DeviceMatrix<const T> a, DeviceMatrix<const T> b, DeviceMatrix<T> c,
+          float alpha, float beta) {
+  const cudaDataType_t type = std::same_as<T, float> ? CUDA_R_32F : CUDA_R_16BF;
+  const Operand oa = operand(a), ob = operand(b), oc = operand(c);
+  const std::int64_t m = c.rows, n = c.cols, k = a.cols;
+  for (std::int64_t dim : {m, n, k, oa.ld, ob.ld, oc.ld})
+    if (dim > 0x7FFFFFFF) fail(fn, "a dimension ({}) exceeds cuBLAS's 32-bit limit", dim);
+  cublasStatus_t s;
+  if (oc.col) {
+    s = cublasGemmEx(h, oa.col ? CUBLAS_OP_N : CUBLAS_OP_T, ob.col ? CUBLAS_OP_N : CUBLAS_OP_T, static_cast<int>(m),
+                     static_cast<int>(n), static_cast<int>(k), &alpha, oa.p, type, static_cast<int>(oa.ld), ob.p,
+                     type, static_cast<int>(ob.ld), &beta, const_cast<void*>(oc.p), type, static_cast<int>(oc.ld),
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  } else {
+    // Row-major C: C^T = B^T A^T in column-major terms.
+    s = cublasGemmEx(h, ob.col ? CUBLAS_OP_T : CUBLAS_OP_N, oa.col ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n),
+                     static_cast<int>(m), static_cast<int>(k), &alpha, ob.p, type, static_cast<int>(ob.ld), oa.p,
+                     type, static_cast<int>(oa.ld), &beta, const_cast<void*>(oc.p), type, static_cast<int>(oc.ld),
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  }
+  check_blas(fn, s, "cublasGemmEx");
+}
+
+}  // namespace
+}  // namespace detail
+
+// ---- rank update --------------------------------------------------------------------------------
+
+template <DeviceScalar TW>
+  requires(!std::is_const_v<TW>)
+void rank_update(DeviceMatrix<TW> W, DeviceMatrix<const float> U, DeviceMatrix<const float> V, double alpha,
+                 const RankUpdateOptions& options, cudaStream_t stream) {
+  constexpr const char* fn = "cuda::rank_update";
+  using namespace detail;
+  check_shape(fn, "W", W);
+  check_shape(fn, "U", U);
+  check_shape(fn, "V", V);
+  if (U.rows != W.rows) fail(fn, "U has {} rows, W is {}x{} (U must have W's {} rows)", U.rows, W.rows, W.cols, W.rows);
+  if (V.rows != W.cols) {
+    fail(fn, "V has {} rows, W is {}x{} (V must have one row per column of W: {})", V.rows, W.rows, W.cols, W.cols);
+  }
+  if (U.cols != V.cols) {
+    fail(fn, "U is {}x{} and V is {}x{}: their column counts (the rank) differ", U.rows, U.cols, V.rows, V.cols);
+  }
+  if (U.cols == 0) fail(fn, "rank is 0 (U is {}x0, V is {}x0); the rank must be at least 1", U.rows, V.rows);
+  if (U.cols > 0x7FFFFFFF) fail(fn, "rank {} is too large", U.cols);
+  if (!std::isfinite(alpha)) fail(fn, "alpha is {}; it must be finite (W is {}x{})", alpha, W.rows, W.cols);
+  if (self_overlapping(W)) {
+    fail(fn, "W ({}x{}, strides {}, {}) has overlapping elements", W.rows, W.cols, W.row_stride, W.col_stride);
+  }
+  if (overlap(W, U)) fail(fn, "W's memory ({}x{}) overlaps U's ({}x{})", W.rows, W.cols, U.rows, U.cols);
+  if (overlap(W, V)) fail(fn, "W's memory ({}x{}) overlaps V's ({}x{})", W.rows, W.cols, V.rows, V.cols);
+  if (options.index_cols != 0 && options.index_col0 + static_cast<std::uint64_t>(W.cols) > options.index_cols) {
+    fail(fn, "options.index_col0 ({}) + W's {} columns exceed options.index_cols ({})", options.index_col0, W.cols,
+         options.index_cols);
+  }
+  if (alpha == 0.0 || W.empty()) return;
+  require_device(fn);
+  check_device(fn, "W", W);
+  check_device(fn, "U", U);
+  check_device(fn, "V", V);
+
+  RankUpdateLaunch l{};
+  l.dtype = dtype_of<TW>();
+  l.r = U.cols;
+  l.stochastic = !std::same_as<TW, float> && options.rounding == Rounding::stochastic;
+  l.seed = options.seed;
+  l.stream_id = options.stream;
+  l.index_row0 = options.index_row0;
+  l.index_col0 = options.index_col0;
+  l.index_cols = options.index_cols != 0 ? options.index_cols : static_cast<std::uint64_t>(W.cols);
+  l.w = W.data;
+  // Canonical form: unit column stride where possible (a column-major W is updated as W^T += V U^T).
+  // alpha scales the user's U on whichever side it lands, as on the CPU.
+  const bool transpose = W.col_stride != 1 && W.cols > 1 && (W.row_stride == 1 || W.rows == 1);
+  DeviceMatrix<TW> c = transpose ? W.transposed() : W;
+  if (c.cols == 1) c.col_stride = 1;
+  if (c.rows == 1) c.row_stride = c.cols;
+  const DeviceMatrix<const float> cu = transpose ? V : U;
+  const DeviceMatrix<const float> cv = transpose ? U : V;
+  l.transposed = transpose;
+  l.m = c.rows, l.n = c.cols, l.w_rs = c.row_stride, l.w_cs = c.col_stride;
+  l.u = cu.data, l.u_rs = cu.row_stride, l.u_cs = cu.col_stride;
+  l.v = cv.data, l.v_rs = cv.row_stride, l.v_cs = cv.col_stride;
+  l.alpha_u = transpose ? 1.0 : alpha;
+  l.alpha_v = transpose ? alpha : 1.0;
+  check_cuda(fn, static_cast<cudaError_t>(launch_rank_update(l, stream)), "kernel launch");
+}
+
+// ---- LoRA forward -------------------------------------------------------------------------------
+
+std::size_t lora_forward_workspace_bytes(std::int64_t tokens, std::int64_t rank) noexcept {
+  if (tokens <= 0 || rank <= 0) return 0;
+  return (static_cast<std::size_t>(tokens) * static_cast<std::size_t>(rank) * sizeof(float) + 255) / 256 * 256;
+}
+
+template <ForwardScalar T>
+void lora_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, DeviceMatrix<const T> A, DeviceMatrix<const T> B,
+                  double scale, DeviceMatrix<T> Y, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
+  constexpr const char* fn = "cuda::lora_forward";
+  using namespace detail;
+  check_shape(fn, "X", X);
+  check_shape(fn, "W", W);
+  check_shape(fn, "A", A);
+  check_shape(fn, "B", B);
+  check_shape(fn, "Y", Y);
+  const std::int64_t tokens = X.rows, in = X.cols, out = W.rows, r = A.rows;
+  if (W.cols != in) fail(fn, "W is {}x{} (out x in) but X is {}x{} (tokens x in)", W.rows, W.cols, X.rows, X.cols);
+  if (A.cols != in) fail(fn, "A is {}x{} (r x in) but X has in = {}", A.rows, A.cols, in);
+  if (B.rows != out || B.cols != r) fail(fn, "B is {}x{}; it must be {}x{} (out x r)", B.rows, B.cols, out, r);
+  if (Y.rows != tokens || Y.cols != out) fail(fn, "Y is {}x{}; it must be {}x{} (tokens x out)", Y.rows, Y.cols, tokens, out);
+  if (!std::isfinite(scale)) fail(fn, "scale is {}; it must be finite", scale);
+  check_blas_layout(fn, "X", X);
+  check_blas_layout(fn, "W", W);
+  check_blas_layout(fn, "A", A);
+  check_blas_layout(fn, "B", B);
+  check_blas_layout(fn, "Y", Y);
+  if (overlap(Y, X) || overlap(Y, W) || overlap(Y, A) || overlap(Y, B)) {
+    fail(fn, "Y ({}x{}) overlaps an input (X, W, A or B)", Y.rows, Y.cols);
+  }
+  const std::size_t need = lora_forward_workspace_bytes(tokens, r);
+  if (workspace_bytes < need) fail(fn, "workspace has {} bytes; {} tokens at rank {} need {}", workspace_bytes, tokens, r, need);
+  if (need > 0 && (workspace == nullptr || reinterpret_cast<std::uintptr_t>(workspace) % 256 != 0)) {
+    fail(fn, "workspace {} is null or not 256-byte aligned", workspace);
+  }
+  const DeviceMatrix<T> t(static_cast<T*>(workspace), tokens, r, r, 1);
+  if (need > 0 && overlap(Y, t)) fail(fn, "Y ({}x{}) overlaps the workspace", Y.rows, Y.cols);
+  if (Y.empty()) return;
+  require_device(fn);
+  check_device(fn, "X", X);
+  check_device(fn, "W", W);
+  check_device(fn, "A", A);
+  check_device(fn, "B", B);
+  check_device(fn, "Y", Y);
+  if (need > 0) check_pointer(fn, "workspace", workspace);
+  cublasHandle_t h = handle_for(fn, stream);
+  if (r > 0 && in > 0) {
+    gemm<T>(fn, h, X, A.transposed(), t, static_cast<float>(scale), 0.0f);  // T = s X A^T
+    gemm<T>(fn, h, t, B.transposed(), Y, 1.0f, 0.0f);                        // Y = T B^T
+    gemm<T>(fn, h, X, W.transposed(), Y, 1.0f, 1.0f);                        // Y += X W^T
+  } else {
+    gemm<T>(fn, h, X, W.transposed(), Y, 1.0f, 0.0f);
+  }
+}
+
+template <ForwardScalar T>
+void linear_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, DeviceMatrix<T> Y, cudaStream_t stream) {
+  constexpr const char* fn = "cuda::linear_forward";
+  using namespace detail;
+  check_shape(fn, "X", X);
+  check_shape(fn, "W", W);
+  check_shape(fn, "Y", Y);
+  if (W.cols != X.cols) fail(fn, "W is {}x{} (out x in) but X is {}x{} (tokens x in)", W.rows, W.cols, X.rows, X.cols);
+  if (Y.rows != X.rows || Y.cols != W.rows) fail(fn, "Y is {}x{}; it must be {}x{}", Y.rows, Y.cols, X.rows, W.rows);
+  check_blas_layout(fn, "X", X);
+  check_blas_layout(fn, "W", W);
+  check_blas_layout(fn, "Y", Y);
+  if (overlap(Y, X) || overlap(Y, W)) fail(fn, "Y ({}x{}) overlaps X or W", Y.rows, Y.cols);
+  if (Y.empty()) return;
+  require_device(fn);
+  check_device(fn, "X", X);
+  check_device(fn, "W", W);
+  check_device(fn, "Y", Y);
+  gemm<T>(fn, handle_for(fn, stream), X, W.transposed(), Y, 1.0f, 0.0f);
+}
+
+// ---- EGGROLL ------------------------------------------------------------------------------------
+
+template <ForwardScalar T>
+void eggroll_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, const EggrollPopulation& pop, DeviceMatrix<T> Y,
+                     cudaStream_t stream) {
+  constexpr const char* fn = "cuda::eggroll_forward";
+  using namespace detail;
+  check_shape(fn, "X", X);
+  check_shape(fn, "W", W);
+  check_shape(fn, "Y", Y);
+  const std::int64_t rows = X.rows, in = X.cols, out = W.rows;
+  if (W.cols != in) fail(fn, "W is {}x{} (out x in) but X is {}x{} (members x in)", W.rows, W.cols, X.rows, X.cols);
+  if (Y.rows != rows || Y.cols != out) fail(fn, "Y is {}x{}; it must be {}x{} (members x out)", Y.rows, Y.cols, rows, out);
+  if (pop.rank < 1 || pop.rank > 16) fail(fn, "rank is {}; it must be in 1..16", pop.rank);
+  if (!std::isfinite(pop.sigma)) fail(fn, "sigma is {}; it must be finite", pop.sigma);
+  if (pop.population < 1) fail(fn, "population is {}; it must be positive", pop.population);
+  if (pop.antithetic != es::Antithetic::none && pop.population % 2 != 0) {
+    fail(fn, "population {} is odd; antithetic pairs need an even population", pop.population);
+  }
+  if (pop.member0 < 0 || pop.member0 + rows > pop.population) {
+    fail(fn, "rows are members {}..{} but the population has {} members", pop.member0, pop.member0 + rows - 1,
+         pop.population);
+  }
+  if (static_cast<std::uint64_t>(in + out) * static_cast<std::uint64_t>(pop.rank) > es::max_stream_normals) {
+    fail(fn, "(in + out) r = {} exceeds a noise stream's 2^34 normals", (in + out) * pop.rank);
+  }
+  check_blas_layout(fn, "X", X);
+  check_blas_layout(fn, "W", W);
+  if (!Y.empty() && Y.col_stride != 1 && Y.cols > 1) fail(fn, "Y ({}x{}) must have unit column stride", Y.rows, Y.cols);
+  check_blas_layout(fn, "Y", Y);
+  if (overlap(Y, X) || overlap(Y, W)) fail(fn, "Y ({}x{}) overlaps X or W", Y.rows, Y.cols);
+  if (Y.empty()) return;
+  require_device(fn);
+  check_device(fn, "X", X);
+  check_device(fn, "W", W);
+  check_device(fn, "Y", Y);
+
+  EggrollTermLaunch l{};
+  l.dtype = dtype_of<T>();
+  l.x = Mat{X.data, X.rows, X.cols, X.rows > 1 ? X.row_stride : X.cols, X.cols > 1 ? X.col_stride : 1};
+  l.y = Y.data;
+  l.ldy = Y.rows > 1 ? Y.row_stride : Y.cols;
+  l.out = out;
+  l.key = pop.key;
+  l.rank = static_cast<int>(pop.rank);
+  l.scale = static_cast<float>(pop.sigma / std::sqrt(static_cast<double>(pop.rank)));
+  l.member0 = pop.member0;
+  l.population = pop.population;
+  l.antithetic = pop.antithetic;
+  l.grouping = 0;
+  if (pop.antithetic == es::Antithetic::interleaved && pop.member0 % 2 == 0 && rows % 2 == 0) l.grouping = 1;
+  if (pop.antithetic == es::Antithetic::halves && pop.member0 == 0 && rows == pop.population) l.grouping = 2;
+  if (in == 0) {
+    check_cuda(fn, cudaMemset2DAsync(Y.data, static_cast<std::size_t>(l.ldy) * sizeof(T), 0, out * sizeof(T),
+                                      static_cast<std::size_t>(rows), stream),
+               "cudaMemset2DAsync");
+    return;
+  }
+  check_cuda(fn, static_cast<cudaError_t>(launch_eggroll_term(l, stream)), "kernel launch");
+  gemm<T>(fn, handle_for(fn, stream), X, W.transposed(), Y, 1.0f, 1.0f);
+}
+
+void eggroll_noise_factors(const es::NoiseKey& key, std::uint32_t noise_index, DeviceMatrix<float> A,
+                           DeviceMatrix<float> B, cudaStream_t stream) {
+  constexpr const char* fn = "cuda::eggroll_noise_factors";
+  using namespace detail;
+  check_shape(fn, "A", A);
+  check_shape(fn, "B", B);
+  if (A.cols != B.cols) fail(fn, "A is {}x{} and B is {}x{}: their ranks differ", A.rows, A.cols, B.rows, B.cols);
+  if (A.cols < 1) fail(fn, "rank is {}; it must be at least 1", A.cols);
+  if (self_overlapping(A) || self_overlapping(B)) fail(fn, "A or B has overlapping elements");
+  if (overlap(A, B)) fail(fn, "A's memory ({}x{}) overlaps B's ({}x{})", A.rows, A.cols, B.rows, B.cols);
+  if (static_cast<std::uint64_t>(A.rows + B.rows) * static_cast<std::uint64_t>(A.cols) > es::max_stream_normals) {
+    fail(fn, "(in + out) r exceeds a noise stream's 2^34 normals");
+  }
+  if (A.empty() && B.empty()) return;
+  require_device(fn);
+  check_device(fn, "A", A);
+  check_device(fn, "B", B);
+  check_cuda(fn,
+             static_cast<cudaError_t>(launch_noise_factors(key, noise_index, A.data, A.rows, A.row_stride, A.col_stride,
+                                                           B.data, B.rows, B.row_stride, B.col_stride, A.cols, stream)),
+             "kernel launch");
+}
+
+template void rank_update<float>(DeviceMatrix<float>, DeviceMatrix<const float>, DeviceMatrix<const float>, double,
+                                 const RankUpdateOptions&, cudaStream_t);
+template void rank_update<bf16>(DeviceMatrix<bf16>, DeviceMatrix<const float>, DeviceMatrix<const float>, double,
+                                const RankUpdateOptions&, cudaStream_t);
+template void rank_update<f16>(DeviceMatrix<f16>, DeviceMatrix<const float>, DeviceMatrix<const float>, double,
+                               const RankUpdateOptions&, cudaStream_t);
+template void lora_forward<float>(DeviceMatrix<const float>, DeviceMatrix<const float>, DeviceMatrix<const float>,
+                                  DeviceMatrix<const float>, double, DeviceMatrix<float>, void*, std::size_t,
+                                  cudaStream_t);
+template void lora_forward<bf16>(DeviceMatrix<const bf16>, DeviceMatrix<const bf16>, DeviceMatrix<const bf16>,
+                                 DeviceMatrix<const bf16>, double, DeviceMatrix<bf16>, void*, std::size_t, cudaStream_t);
+template void linear_forward<float>(DeviceMatrix<const float>, DeviceMatrix<const float>, DeviceMatrix<float>,
+                                    cudaStream_t);
+template void linear_forward<bf16>(DeviceMatrix<const bf16>, DeviceMatrix<const bf16>, DeviceMatrix<bf16>, cudaStream_t);
+template void eggroll_forward<float>(DeviceMatrix<const float>, DeviceMatrix<const float>, const EggrollPopulation&,
+                                     DeviceMatrix<float>, cudaStream_t);
+template void eggroll_forward<bf16>(DeviceMatrix<const bf16>, DeviceMatrix<const bf16>, const EggrollPopulation&,
+                                    DeviceMatrix<bf16>, cudaStream_t);
+
+}  // namespace cuda
+LOWRANK_END_NAMESPACE

@@ -1,0 +1,60 @@
+// Internal interface between the host-side API (api.cpp: validation, cuBLAS) and the kernels
+// (*.cu). Plain C++ without Eigen, so that nvcc never compiles Eigen.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "lowrank/es/noise.hpp"
+
+LOWRANK_BEGIN_NAMESPACE
+namespace cuda::detail {
+
+enum class Dtype : int { f32, bf16, f16 };
+
+// A strided matrix of any storage type.
+struct Mat {
+  const void* data;
+  std::int64_t rows, cols, rs, cs;
+};
+
+struct RankUpdateLaunch {
+  Dtype dtype;
+  void* w;
+  std::int64_t m, n, w_rs, w_cs;  // canonical view (transposed when the user's W is column-major)
+  const float* u;                 // m x r, scaled by alpha_u
+  std::int64_t u_rs, u_cs;
+  const float* v;                 // n x r, scaled by alpha_v (each product rounded once to fp32)
+  std::int64_t v_rs, v_cs;
+  std::int64_t r;
+  double alpha_u, alpha_v;        // the user's alpha on the side of the user's U, 1 on the other
+  bool stochastic;
+  bool transposed;                // canonical (i, j) is the user's (j, i)
+  std::uint64_t seed, stream_id, index_row0, index_col0, index_cols;
+};
+// Returns a cudaError_t value (0 on success).
+int launch_rank_update(const RankUpdateLaunch& p, cudaStream_t stream);
+
+struct EggrollTermLaunch {
+  Dtype dtype;                   // f32 or bf16
+  Mat x;                         // rows x in
+  void* y;                       // rows x out, row-major
+  std::int64_t ldy;
+  std::int64_t out;
+  es::NoiseKey key;
+  int rank;
+  float scale;                   // sigma / sqrt(r)
+  std::int64_t member0, population;
+  es::Antithetic antithetic;
+  int grouping;                  // 0: one row per block; 1: rows (2g, 2g+1); 2: rows (g, g + rows/2)
+};
+// Writes Y = sign sigma/sqrt(r) (X_i B_k) A_k^T for every row.
+int launch_eggroll_term(const EggrollTermLaunch& p, cudaStream_t stream);
+
+int launch_noise_factors(const es::NoiseKey& key, std::uint32_t index, float* a, std::int64_t out, std::int64_t a_rs,
+                         std::int64_t a_cs, float* b, std::int64_t in, std::int64_t b_rs, std::int64_t b_cs,
+                         std::int64_t rank, cudaStream_t stream);
+
+}  // namespace cuda::detail
+LOWRANK_END_NAMESPACE

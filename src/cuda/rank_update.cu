@@ -1,0 +1,320 @@
+// W += alpha U V^T on the device: a bandwidth-bound kernel for row-major W with aligned rows and
+// rank <= 16 (V in registers, alpha U staged in shared memory, several rows of loads in flight),
+// and a generic one-thread-per-element kernel for everything else. Both compute every element as
+// the CPU's SIMD targets do (rank_update.cpp): acc = W, acc = fma(float(alpha * double(U(i, k))),
+// V(j, k), acc) for k in order, one rounding into storage.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "launch.hpp"
+#include "lowrank/core/philox.hpp"
+
+LOWRANK_BEGIN_NAMESPACE
+namespace cuda::detail {
+namespace {
+
+// ---- storage conversions (bit-exact copies of src/cpu/float_bits-inl.hpp and rank_update.cpp) ----
+
+struct Bf16s {
+  std::uint16_t bits;
+};
+struct F16s {
+  std::uint16_t bits;
+};
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(Bf16s h) { return __uint_as_float(static_cast<std::uint32_t>(h.bits) << 16); }
+__device__ __forceinline__ float to_f32(F16s h) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h.bits & 0x8000u) << 16;
+  const std::uint32_t exponent = (h.bits >> 10) & 0x1Fu;
+  const std::uint32_t mantissa = h.bits & 0x3FFu;
+  if (exponent == 0x1Fu) return __uint_as_float(sign | 0x7F800000u | (mantissa << 13));
+  if (exponent == 0) {
+    const float magnitude = __fmul_rn(static_cast<float>(mantissa), 0x1.0p-24f);
+    return sign ? -magnitude : magnitude;
+  }
+  return __uint_as_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+__device__ __forceinline__ std::uint16_t bf16_nearest(float x) {
+  const std::uint32_t bits = __float_as_uint(x);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<std::uint16_t>((bits >> 16) | 0x40u);
+  return static_cast<std::uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ std::uint16_t f16_nearest(float x) {
+  const std::uint32_t bits = __float_as_uint(x);
+  const std::uint32_t sign = (bits >> 16) & 0x8000u;
+  const std::uint32_t abs = bits & 0x7FFFFFFFu;
+  if (abs > 0x7F800000u) return static_cast<std::uint16_t>(sign | 0x7E00u | ((abs >> 13) & 0x3FFu));
+  if (abs >= 0x477FF000u) return static_cast<std::uint16_t>(sign | 0x7C00u);
+  if (abs >= 0x38800000u) {
+    const std::uint32_t mantissa = abs & 0x7FFFFFu;
+    std::uint32_t h = ((((abs >> 23) - 112u) << 10) | (mantissa >> 13));
+    const std::uint32_t rest = mantissa & 0x1FFFu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
+    return static_cast<std::uint16_t>(sign | h);
+  }
+  const float scaled = __fmul_rn(__uint_as_float(abs), 0x1.0p24f);
+  const float shifted = __fadd_rn(scaled, 0x1.0p23f);
+  const float rounded = __fsub_rn(shifted, 0x1.0p23f);
+  return static_cast<std::uint16_t>(sign | static_cast<std::uint32_t>(rounded));
+}
+
+__device__ __forceinline__ std::uint16_t bf16_stochastic(float x, std::uint32_t random) {
+  const std::uint32_t bits = __float_as_uint(x);
+  if ((bits & 0x7F800000u) == 0x7F800000u) return bf16_nearest(x);
+  if ((bits & 0x7FFFFFFFu) >= 0x7F7F0000u) return bf16_nearest(x);
+  return static_cast<std::uint16_t>((bits + (random >> 16)) >> 16);
+}
+
+__device__ __forceinline__ std::uint16_t f16_stochastic(float x, std::uint32_t random) {
+  const std::uint32_t bits = __float_as_uint(x);
+  const std::uint32_t sign = (bits >> 16) & 0x8000u;
+  const std::uint32_t abs = bits & 0x7FFFFFFFu;
+  if (abs >= 0x477FE000u) return f16_nearest(x);
+  if (abs >= 0x38800000u) {
+    const std::uint32_t mantissa = abs & 0x7FFFFFu;
+    std::uint32_t h = ((((abs >> 23) - 112u) << 10) | (mantissa >> 13));
+    if ((random & 0x1FFFu) < (mantissa & 0x1FFFu)) ++h;
+    return static_cast<std::uint16_t>(sign | h);
+  }
+  const float scaled = __fmul_rn(__uint_as_float(abs), 0x1.0p24f);
+  const float floor_value = floorf(scaled);
+  std::uint32_t h = static_cast<std::uint32_t>(floor_value);
+  if (uniform_from_bits(random) < __fsub_rn(scaled, floor_value)) ++h;
+  return static_cast<std::uint16_t>(sign | h);
+}
+
+__device__ __forceinline__ void store(float& out, float x, bool, std::uint32_t) { out = x; }
+__device__ __forceinline__ void store(Bf16s& out, float x, bool stochastic, std::uint32_t random) {
+  out.bits = stochastic ? bf16_stochastic(x, random) : bf16_nearest(x);
+}
+__device__ __forceinline__ void store(F16s& out, float x, bool stochastic, std::uint32_t random) {
+  out.bits = stochastic ? f16_stochastic(x, random) : f16_nearest(x);
+}
+
+// Stochastic-rounding bits of canonical element (i, j), with a one-block cache (consecutive
+// elements usually share a Philox block).
+struct RoundingBits {
+  RandomStream random;
+  std::uint64_t row0, col0, cols;
+  bool transposed;
+  std::uint64_t cached = ~std::uint64_t{0};
+  Philox4x32Block block{};
+
+  __device__ std::uint32_t operator()(std::int64_t i, std::int64_t j) {
+    const auto ui = static_cast<std::uint64_t>(transposed ? j : i);
+    const auto uj = static_cast<std::uint64_t>(transposed ? i : j);
+    const std::uint64_t index = (row0 + ui) * cols + col0 + uj;
+    if ((index >> 2) != cached) {
+      cached = index >> 2;
+      block = random.block(cached);
+    }
+    const unsigned lane = static_cast<unsigned>(index & 3u);
+    return lane == 0 ? block.v[0] : lane == 1 ? block.v[1] : lane == 2 ? block.v[2] : block.v[3];
+  }
+};
+
+struct Params {
+  std::int64_t m, n, w_rs, w_cs, u_rs, u_cs, v_rs, v_cs;
+  int r;
+  double alpha_u, alpha_v;
+  bool stochastic;
+  bool transposed;
+  std::uint64_t seed, stream_id, row0, col0, cols;
+};
+
+__device__ RoundingBits make_bits(const Params& p) {
+  return RoundingBits{RandomStream(p.seed, p.stream_id), p.row0, p.col0, p.cols, p.transposed};
+}
+
+// ---- generic kernel: one element per thread, any strides, any rank ----------------------------
+
+template <class TW>
+__global__ void rank_update_generic(TW* __restrict__ w, const float* __restrict__ u, const float* __restrict__ v,
+                                    Params p) {
+  RoundingBits bits = make_bits(p);
+  const std::int64_t total = p.m * p.n;
+  for (std::int64_t e = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t i = e / p.n, j = e % p.n;
+    TW& out = w[i * p.w_rs + j * p.w_cs];
+    float acc = to_f32(out);
+    for (int k = 0; k < p.r; ++k) {
+      const float a = static_cast<float>(p.alpha_u * static_cast<double>(u[i * p.u_rs + k * p.u_cs]));
+      const float b = static_cast<float>(p.alpha_v * static_cast<double>(v[j * p.v_rs + k * p.v_cs]));
+      acc = __fmaf_rn(a, b, acc);
+    }
+    store(out, acc, p.stochastic, p.stochastic ? bits(i, j) : 0u);
+  }
+}
+
+// ---- fast kernel: row-major W, VEC-aligned rows, rank <= RMAX ---------------------------------
+
+constexpr int kThreads = 256;
+constexpr int kRowsPerBlock = 64;
+
+template <class TW>
+struct Vec;
+template <>
+struct Vec<float> {
+  static constexpr int n = 4;
+  using Load = float4;
+};
+template <>
+struct Vec<Bf16s> {
+  static constexpr int n = 4;
+  using Load = uint2;
+};
+template <>
+struct Vec<F16s> {
+  static constexpr int n = 4;
+  using Load = uint2;
+};
+
+template <class TW>
+__device__ __forceinline__ void unpack(const typename Vec<TW>::Load& in, float (&out)[4]) {
+  if constexpr (sizeof(TW) == 4) {
+    out[0] = in.x, out[1] = in.y, out[2] = in.z, out[3] = in.w;
+  } else {
+    out[0] = to_f32(TW{static_cast<std::uint16_t>(in.x & 0xFFFFu)});
+    out[1] = to_f32(TW{static_cast<std::uint16_t>(in.x >> 16)});
+    out[2] = to_f32(TW{static_cast<std::uint16_t>(in.y & 0xFFFFu)});
+    out[3] = to_f32(TW{static_cast<std::uint16_t>(in.y >> 16)});
+  }
+}
+
+template <class TW, int RMAX, int UNROLL>
+__global__ void __launch_bounds__(kThreads) rank_update_rows(TW* __restrict__ w, const float* __restrict__ u,
+                                                             const float* __restrict__ v, Params p) {
+  constexpr int VEC = Vec<TW>::n;
+  using Load = typename Vec<TW>::Load;
+  __shared__ float au[kRowsPerBlock][RMAX];
+  const int r = p.r;
+  const std::int64_t i0 = static_cast<std::int64_t>(blockIdx.y) * kRowsPerBlock;
+  const int rows = static_cast<int>(p.m - i0 < kRowsPerBlock ? p.m - i0 : kRowsPerBlock);
+  for (int e = threadIdx.x; e < rows * r; e += kThreads) {
+    const int ii = e / r, k = e % r;
+    au[ii][k] = static_cast<float>(p.alpha_u * static_cast<double>(u[(i0 + ii) * p.u_rs + k * p.u_cs]));
+  }
+  const std::int64_t j = (static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
+  float vr[VEC][RMAX];
+#pragma unroll
+  for (int c = 0; c < VEC; ++c)
+#pragma unroll
+    for (int k = 0; k < RMAX; ++k)
+      vr[c][k] = (k < r && j + c < p.n)
+                     ? static_cast<float>(p.alpha_v * static_cast<double>(v[(j + c) * p.v_rs + k * p.v_cs]))
+                     : 0.0f;
+  __syncthreads();
+  if (j >= p.n) return;
+  const bool full = j + VEC <= p.n;
+  RoundingBits bits = make_bits(p);
+
+  for (int ii = 0; ii < rows; ii += UNROLL) {
+    float acc[UNROLL][VEC];
+    if (full) {
+      Load raw[UNROLL];
+#pragma unroll
+      for (int q = 0; q < UNROLL; ++q)
+        if (ii + q < rows) raw[q] = *reinterpret_cast<const Load*>(w + (i0 + ii + q) * p.w_rs + j);
+#pragma unroll
+      for (int q = 0; q < UNROLL; ++q)
+        if (ii + q < rows) unpack<TW>(raw[q], acc[q]);
+    } else {
+#pragma unroll
+      for (int q = 0; q < UNROLL; ++q)
+#pragma unroll
+        for (int c = 0; c < VEC; ++c)
+          acc[q][c] = (ii + q < rows && j + c < p.n) ? to_f32(w[(i0 + ii + q) * p.w_rs + j + c]) : 0.0f;
+    }
+#pragma unroll
+    for (int q = 0; q < UNROLL; ++q) {
+#pragma unroll
+      for (int k = 0; k < RMAX; ++k) {
+        if (k < r) {
+          const float a = au[(ii + q) & (kRowsPerBlock - 1)][k];
+#pragma unroll
+          for (int c = 0; c < VEC; ++c) acc[q][c] = __fmaf_rn(a, vr[c][k], acc[q][c]);
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < UNROLL; ++q) {
+      if (ii + q >= rows) continue;
+      const std::int64_t i = i0 + ii + q;
+      TW* row = w + i * p.w_rs;
+      if constexpr (sizeof(TW) == 4) {
+        if (full) {
+          *reinterpret_cast<float4*>(row + j) = make_float4(acc[q][0], acc[q][1], acc[q][2], acc[q][3]);
+          continue;
+        }
+      } else {
+        if (full && !p.stochastic) {
+          TW h[VEC];
+#pragma unroll
+          for (int c = 0; c < VEC; ++c) store(h[c], acc[q][c], false, 0u);
+          uint2 packed;
+          packed.x = static_cast<std::uint32_t>(h[0].bits) | (static_cast<std::uint32_t>(h[1].bits) << 16);
+          packed.y = static_cast<std::uint32_t>(h[2].bits) | (static_cast<std::uint32_t>(h[3].bits) << 16);
+          *reinterpret_cast<uint2*>(row + j) = packed;
+          continue;
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < VEC; ++c)
+        if (j + c < p.n) store(row[j + c], acc[q][c], p.stochastic, p.stochastic ? bits(i, j + c) : 0u);
+    }
+  }
+}
+
+template <class TW, int RMAX>
+cudaError_t launch_rows(TW* w, const float* u, const float* v, const Params& p, cudaStream_t stream) {
+  constexpr int VEC = Vec<TW>::n;
+  constexpr int UNROLL = sizeof(TW) == 4 ? 4 : 8;
+  const std::int64_t col_blocks = (p.n + static_cast<std::int64_t>(kThreads) * VEC - 1) / (kThreads * VEC);
+  const std::int64_t row_blocks = (p.m + kRowsPerBlock - 1) / kRowsPerBlock;
+  if (col_blocks > 0x7FFFFFFF || row_blocks > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(row_blocks));
+  rank_update_rows<TW, RMAX, UNROLL><<<grid, kThreads, 0, stream>>>(w, u, v, p);
+  return cudaGetLastError();
+}
+
+template <class TW>
+cudaError_t dispatch(TW* w, const float* u, const float* v, const Params& p, cudaStream_t stream) {
+  constexpr int VEC = Vec<TW>::n;
+  const bool aligned = p.w_cs == 1 && p.w_rs % VEC == 0 &&
+                       reinterpret_cast<std::uintptr_t>(w) % (VEC * sizeof(TW)) == 0 &&
+                       (p.m + kRowsPerBlock - 1) / kRowsPerBlock <= 65535;
+  if (aligned && p.r <= 16) {
+    if (p.r == 1) return launch_rows<TW, 1>(w, u, v, p, stream);
+    if (p.r <= 2) return launch_rows<TW, 2>(w, u, v, p, stream);
+    if (p.r <= 4) return launch_rows<TW, 4>(w, u, v, p, stream);
+    if (p.r <= 8) return launch_rows<TW, 8>(w, u, v, p, stream);
+    return launch_rows<TW, 16>(w, u, v, p, stream);
+  }
+  const std::int64_t total = p.m * p.n;
+  std::int64_t blocks = (total + 255) / 256;
+  if (blocks > 65536L * 32) blocks = 65536L * 32;
+  rank_update_generic<TW><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(w, u, v, p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int launch_rank_update(const RankUpdateLaunch& l, cudaStream_t stream) {
+  const Params p{l.m,       l.n,       l.w_rs,       l.w_cs,       l.u_rs, l.u_cs,
+                 l.v_rs,    l.v_cs,    static_cast<int>(l.r), l.alpha_u, l.alpha_v, l.stochastic,
+                 l.transposed, l.seed, l.stream_id, l.index_row0, l.index_col0, l.index_cols};
+  switch (l.dtype) {
+    case Dtype::f32: return dispatch(static_cast<float*>(l.w), l.u, l.v, p, stream);
+    case Dtype::bf16: return dispatch(static_cast<Bf16s*>(l.w), l.u, l.v, p, stream);
+    case Dtype::f16: return dispatch(static_cast<F16s*>(l.w), l.u, l.v, p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda::detail
+LOWRANK_END_NAMESPACE
