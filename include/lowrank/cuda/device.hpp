@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "lowrank/core/config.hpp"
+#include "lowrank/core/error.hpp"
 #include "lowrank/core/scalar.hpp"
 
 // The CUDA runtime's stream handle; the same declaration as in driver_types.h.

@@ -1,0 +1,430 @@
+// lowrank::cuda against the CPU implementation: rank update (bitwise on FMA targets), LoRA forward
+// (to rounding), EGGROLL forward (float64 host reference from es::noise_normal) and the noise
+// itself (bitwise). Random inputs, outputs poisoned with NaN, awkward sizes. Without a device the
+// GPU tests skip with the runtime's reason; the argument checks that need no device still run.
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <Eigen/Core>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "lowrank/cuda/eggroll.hpp"
+#include "lowrank/cuda/lora_forward.hpp"
+#include "lowrank/cuda/rank_update.hpp"
+#include "lowrank/es/noise.hpp"
+#include "lowrank/kernels/lora_forward.hpp"
+#include "lowrank/kernels/rank_update.hpp"
+#include "lowrank/kernels/targets.hpp"
+
+namespace {
+
+using lowrank::bf16;
+using lowrank::f16;
+using lowrank::cuda::DeviceMatrix;
+
+#define REQUIRE_GPU()                                                         \
+  do {                                                                        \
+    std::string why_;                                                         \
+    if (!lowrank::cuda::device_available(&why_)) GTEST_SKIP() << "no CUDA device: " << why_; \
+  } while (0)
+
+void check(cudaError_t s, const char* what) {
+  ASSERT_EQ(s, cudaSuccess) << what << ": " << cudaGetErrorString(s);
+}
+
+// Device memory for n elements of T, freed on scope exit.
+template <class T>
+struct Buffer {
+  T* p = nullptr;
+  std::size_t n = 0;
+  explicit Buffer(std::size_t count) : n(count) {
+    if (cudaMalloc(reinterpret_cast<void**>(&p), std::max<std::size_t>(count, 1) * sizeof(T)) != cudaSuccess) {
+      p = nullptr;
+      ADD_FAILURE() << "cudaMalloc of " << count * sizeof(T) << " bytes failed";
+    }
+  }
+  ~Buffer() {
+    if (p != nullptr) cudaFree(p);
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  void upload(const std::vector<T>& h) {
+    ASSERT_EQ(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  std::vector<T> download() const {
+    std::vector<T> h(n);
+    EXPECT_EQ(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    return h;
+  }
+};
+
+template <class T>
+std::vector<T> random_vector(std::size_t n, std::mt19937_64& rng, float scale = 1.0f) {
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<T> v(n);
+  for (auto& x : v) x = static_cast<T>(dist(rng));
+  return v;
+}
+
+template <class T>
+std::uint32_t bits_of(T x) {
+  if constexpr (sizeof(T) == 4) {
+    return std::bit_cast<std::uint32_t>(x);
+  } else {
+    return std::bit_cast<std::uint16_t>(x);
+  }
+}
+
+// ---- rank update ---------------------------------------------------------------------------------
+
+struct RankCase {
+  std::int64_t m, n, r;
+  bool col_major;
+  std::int64_t pad;    // extra elements per leading dimension
+  std::int64_t offset;  // elements before W's first element (misaligns the fast path when odd)
+};
+
+template <class TW>
+void run_rank_update_case(const RankCase& c, lowrank::Rounding rounding, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const std::int64_t ld = (c.col_major ? c.m : c.n) + c.pad;
+  const std::int64_t outer = c.col_major ? c.n : c.m;
+  const std::size_t w_elems = static_cast<std::size_t>(c.offset + ld * outer);
+  std::vector<TW> w_host = random_vector<TW>(w_elems, rng);
+  const std::vector<float> u_host = random_vector<float>(static_cast<std::size_t>(c.m * c.r), rng);
+  const std::vector<float> v_host = random_vector<float>(static_cast<std::size_t>(c.n * c.r), rng);
+  const double alpha = 0.37;
+  lowrank::RankUpdateOptions options;
+  options.rounding = rounding;
+  options.seed = seed * 7 + 1;
+  options.stream = 3;
+  options.index_row0 = 5;
+  options.index_col0 = 2;
+  options.index_cols = static_cast<std::uint64_t>(c.n) + 9;
+
+  // CPU reference on a copy.
+  std::vector<TW> expect = w_host;
+  auto view_of = [&](TW* base) {
+    return c.col_major ? lowrank::col_major(base + c.offset, c.m, c.n, ld) : lowrank::row_major(base + c.offset, c.m, c.n, ld);
+  };
+  lowrank::rank_update(view_of(expect.data()), lowrank::row_major<const float>(u_host.data(), c.m, c.r),
+                       lowrank::row_major<const float>(v_host.data(), c.n, c.r), alpha, options);
+
+  Buffer<TW> w(w_elems);
+  Buffer<float> u(u_host.size()), v(v_host.size());
+  w.upload(w_host);
+  u.upload(u_host);
+  v.upload(v_host);
+  const DeviceMatrix<TW> wd = c.col_major ? lowrank::cuda::device_col_major(w.p + c.offset, c.m, c.n, ld)
+                                          : lowrank::cuda::device_row_major(w.p + c.offset, c.m, c.n, ld);
+  lowrank::cuda::rank_update<TW>(wd, lowrank::cuda::device_row_major<const float>(u.p, c.m, c.r),
+                                 lowrank::cuda::device_row_major<const float>(v.p, c.n, c.r), alpha, options);
+  check(cudaDeviceSynchronize(), "rank_update");
+  const std::vector<TW> got = w.download();
+  const bool exact = lowrank::active_target() != lowrank::Target::scalar;
+  std::size_t mismatches = 0;
+  for (std::size_t e = 0; e < w_elems; ++e) {
+    const float a = static_cast<float>(got[e]), b = static_cast<float>(expect[e]);
+    const bool same = exact ? bits_of(got[e]) == bits_of(expect[e])
+                            : std::abs(a - b) <= 1e-5f * (1 + std::abs(b)) + (sizeof(TW) == 2 ? 0.01f * std::abs(b) : 0);
+    if (!same && ++mismatches <= 5) {
+      ADD_FAILURE() << "element " << e << ": GPU " << a << " CPU " << b << " (m=" << c.m << " n=" << c.n
+                    << " r=" << c.r << (c.col_major ? " col-major" : " row-major") << ")";
+    }
+  }
+  EXPECT_EQ(mismatches, 0u);
+}
+
+const RankCase kRankCases[] = {
+    {37, 53, 3, false, 0, 0},     {64, 1027, 16, false, 4, 0}, {130, 2050, 1, false, 0, 0},
+    {70, 515, 7, false, 8, 1},    {33, 17, 20, false, 0, 0},   {45, 91, 5, true, 3, 0},
+    {1, 300, 2, false, 0, 0},     {129, 1, 4, false, 0, 0},    {200, 4100, 16, false, 0, 0},
+};
+
+TEST(CudaRankUpdate, Fp32MatchesCpu) {
+  REQUIRE_GPU();
+  std::uint64_t seed = 1;
+  for (const RankCase& c : kRankCases) run_rank_update_case<float>(c, lowrank::Rounding::nearest_even, seed++);
+}
+
+TEST(CudaRankUpdate, Bf16MatchesCpuNearestAndStochastic) {
+  REQUIRE_GPU();
+  std::uint64_t seed = 100;
+  for (const RankCase& c : kRankCases) {
+    run_rank_update_case<bf16>(c, lowrank::Rounding::nearest_even, seed++);
+    run_rank_update_case<bf16>(c, lowrank::Rounding::stochastic, seed++);
+  }
+}
+
+TEST(CudaRankUpdate, Fp16MatchesCpuNearestAndStochastic) {
+  REQUIRE_GPU();
+  std::uint64_t seed = 200;
+  for (const RankCase& c : kRankCases) {
+    run_rank_update_case<f16>(c, lowrank::Rounding::nearest_even, seed++);
+    run_rank_update_case<f16>(c, lowrank::Rounding::stochastic, seed++);
+  }
+}
+
+TEST(CudaRankUpdate, BadArgumentsThrowWithoutTouchingW) {
+  // Shape errors are found before any device call: these run without a GPU too.
+  auto* fake = reinterpret_cast<float*>(std::uintptr_t{4096});
+  const auto w = lowrank::cuda::device_row_major(fake, 8, 8);
+  const auto u = lowrank::cuda::device_row_major<const float>(fake + 1000, 7, 2);
+  const auto v = lowrank::cuda::device_row_major<const float>(fake + 2000, 8, 2);
+  EXPECT_THROW(lowrank::cuda::rank_update<float>(w, u, v, 1.0), lowrank::Error);
+  const auto u8 = lowrank::cuda::device_row_major<const float>(fake + 1000, 8, 2);
+  EXPECT_THROW(lowrank::cuda::rank_update<float>(w, u8, v, std::nan("")), lowrank::Error);
+  const auto u_overlap = lowrank::cuda::device_row_major<const float>(fake + 10, 8, 2);
+  EXPECT_THROW(lowrank::cuda::rank_update<float>(w, u_overlap, v, 1.0), lowrank::Error);
+  const auto v0 = lowrank::cuda::device_row_major<const float>(fake + 2000, 8, 0);
+  const auto u0 = lowrank::cuda::device_row_major<const float>(fake + 1000, 8, 0);
+  EXPECT_THROW(lowrank::cuda::rank_update<float>(w, u0, v0, 1.0), lowrank::Error);
+  try {
+    lowrank::cuda::rank_update<float>(w, u, v, 1.0);
+  } catch (const lowrank::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cuda::rank_update: U has 7 rows, W is 8x8"), std::string::npos) << e.what();
+  }
+}
+
+TEST(CudaRankUpdate, HostPointerIsRejected) {
+  REQUIRE_GPU();
+  std::vector<float> host(64, 1.0f);
+  Buffer<float> u(16), v(16);
+  EXPECT_THROW(lowrank::cuda::rank_update<float>(lowrank::cuda::device_row_major(host.data(), 8, 8),
+                                                 lowrank::cuda::device_row_major<const float>(u.p, 8, 2),
+                                                 lowrank::cuda::device_row_major<const float>(v.p, 8, 2), 1.0),
+               lowrank::Error);
+  for (float x : host) EXPECT_EQ(x, 1.0f);
+}
+
+// ---- LoRA forward --------------------------------------------------------------------------------
+
+template <class T>
+double rel_error(const std::vector<T>& got, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    const double g = static_cast<double>(static_cast<float>(got[i]));
+    if (!std::isfinite(g)) return std::numeric_limits<double>::infinity();
+    num += (g - ref[i]) * (g - ref[i]);
+    den += static_cast<double>(ref[i]) * ref[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+template <class T>
+std::vector<float> widen(const std::vector<T>& v) {
+  std::vector<float> f(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) f[i] = static_cast<float>(v[i]);
+  return f;
+}
+
+template <class T>
+void run_lora_case(std::int64_t tokens, std::int64_t in, std::int64_t out, std::int64_t r, bool w_col_major,
+                   std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const auto x = random_vector<T>(static_cast<std::size_t>(tokens * in), rng);
+  const auto w = random_vector<T>(static_cast<std::size_t>(out * in), rng, 0.05f);
+  const auto a = random_vector<T>(static_cast<std::size_t>(r * in), rng, 0.1f);
+  const auto b = random_vector<T>(static_cast<std::size_t>(out * r), rng, 0.1f);
+  const double scale = 1.7;
+  // CPU reference on the widened inputs.
+  const auto xf = widen(x), wf = widen(w), af = widen(a), bf = widen(b);
+  std::vector<float> ref(static_cast<std::size_t>(tokens * out));
+  const auto w_view = w_col_major ? lowrank::weight(Eigen::Map<const Eigen::MatrixXf>(wf.data(), in, out), lowrank::Layout::in_out)
+                                  : lowrank::WeightView<const float>{lowrank::row_major<const float>(wf.data(), out, in),
+                                                                     lowrank::Layout::out_in};
+  lowrank::lora_forward<float>(lowrank::row_major<const float>(xf.data(), tokens, in), w_view,
+                               lowrank::row_major<const float>(af.data(), r, in),
+                               lowrank::row_major<const float>(bf.data(), out, r), scale,
+                               lowrank::row_major(ref.data(), tokens, out));
+  Buffer<T> xd(x.size()), wd(w.size()), ad(std::max<std::size_t>(a.size(), 1)), bd(std::max<std::size_t>(b.size(), 1)),
+      yd(ref.size());
+  xd.upload(x);
+  wd.upload(w);
+  if (r > 0) ad.upload(a), bd.upload(b);
+  check(cudaMemset(yd.p, 0xFF, ref.size() * sizeof(T)), "poison Y");  // NaN in fp32 and bf16
+  const std::size_t ws_bytes = lowrank::cuda::lora_forward_workspace_bytes(tokens, r);
+  Buffer<unsigned char> ws(ws_bytes);
+  const DeviceMatrix<const T> wv = w_col_major ? lowrank::cuda::device_col_major<const T>(wd.p, out, in, in)
+                                               : lowrank::cuda::device_row_major<const T>(wd.p, out, in);
+  lowrank::cuda::lora_forward<T>(lowrank::cuda::device_row_major<const T>(xd.p, tokens, in), wv,
+                                 lowrank::cuda::device_row_major<const T>(ad.p, r, in),
+                                 lowrank::cuda::device_row_major<const T>(bd.p, out, r), scale,
+                                 lowrank::cuda::device_row_major<T>(yd.p, tokens, out), ws.p, ws_bytes);
+  check(cudaDeviceSynchronize(), "lora_forward");
+  const double err = rel_error(yd.download(), ref);
+  const double tol = std::is_same_v<T, float> ? 1e-5 : 1.5e-2;
+  EXPECT_LT(err, tol) << "tokens=" << tokens << " in=" << in << " out=" << out << " r=" << r;
+}
+
+TEST(CudaLoraForward, Fp32MatchesCpu) {
+  REQUIRE_GPU();
+  run_lora_case<float>(1, 96, 77, 16, false, 1);
+  run_lora_case<float>(5, 130, 67, 3, false, 2);
+  run_lora_case<float>(67, 257, 129, 16, true, 3);
+  run_lora_case<float>(33, 64, 50, 0, false, 4);
+}
+
+TEST(CudaLoraForward, Bf16MatchesCpu) {
+  REQUIRE_GPU();
+  run_lora_case<bf16>(1, 96, 77, 16, false, 11);
+  run_lora_case<bf16>(16, 130, 67, 3, false, 12);
+  run_lora_case<bf16>(67, 258, 129, 16, true, 13);
+  run_lora_case<bf16>(300, 512, 300, 8, false, 14);
+}
+
+TEST(CudaLoraForward, BadArgumentsThrow) {
+  auto* fake = reinterpret_cast<float*>(std::uintptr_t{1} << 20);
+  const auto x = lowrank::cuda::device_row_major<const float>(fake, 4, 8);
+  const auto w = lowrank::cuda::device_row_major<const float>(fake + 100, 6, 8);
+  const auto a = lowrank::cuda::device_row_major<const float>(fake + 200, 2, 8);
+  const auto b = lowrank::cuda::device_row_major<const float>(fake + 300, 6, 2);
+  const auto y = lowrank::cuda::device_row_major<float>(fake + 400, 4, 6);
+  const auto y_bad = lowrank::cuda::device_row_major<float>(fake + 400, 4, 5);
+  void* ws = fake + 1024;
+  EXPECT_THROW(lowrank::cuda::lora_forward<float>(x, w, a, b, 1.0, y_bad, ws, 4096), lowrank::Error);
+  EXPECT_THROW(lowrank::cuda::lora_forward<float>(x, w, a, b, INFINITY, y, ws, 4096), lowrank::Error);
+  EXPECT_THROW(lowrank::cuda::lora_forward<float>(x, w, a, b, 1.0, y, ws, 8), lowrank::Error);  // workspace too small
+  const auto y_overlap = lowrank::cuda::device_row_major<float>(fake + 2, 4, 6);
+  EXPECT_THROW(lowrank::cuda::lora_forward<float>(x, w, a, b, 1.0, y_overlap, ws, 4096), lowrank::Error);
+  const DeviceMatrix<const float> w_strided(fake + 100, 6, 8, 16, 2);
+  EXPECT_THROW(lowrank::cuda::lora_forward<float>(x, w_strided, a, b, 1.0, y, ws, 4096), lowrank::Error);
+}
+
+// ---- EGGROLL -------------------------------------------------------------------------------------
+
+TEST(CudaEggroll, NoiseFactorsAreBitwiseTheHostGenerator) {
+  REQUIRE_GPU();
+  for (std::int64_t rank : {1, 3, 16}) {
+    const std::int64_t in = 131, out = 77;
+    const lowrank::es::NoiseKey key{0x1234'5678'9ABCull + static_cast<std::uint64_t>(rank), 7, 3};
+    const std::uint32_t index = 41;
+    Buffer<float> a(static_cast<std::size_t>(out * rank)), b(static_cast<std::size_t>(in * rank));
+    check(cudaMemset(a.p, 0xFF, a.n * sizeof(float)), "poison");
+    check(cudaMemset(b.p, 0xFF, b.n * sizeof(float)), "poison");
+    lowrank::cuda::eggroll_noise_factors(key, index, lowrank::cuda::device_row_major(a.p, out, rank),
+                                         lowrank::cuda::device_row_major(b.p, in, rank));
+    check(cudaDeviceSynchronize(), "noise");
+    const auto ah = a.download(), bh = b.download();
+    std::size_t bad = 0;
+    for (std::int64_t j = 0; j < in; ++j)
+      for (std::int64_t c = 0; c < rank; ++c) {
+        const float h = lowrank::es::noise_normal(key, index, static_cast<std::uint64_t>(j * rank + c));
+        bad += std::bit_cast<std::uint32_t>(h) != std::bit_cast<std::uint32_t>(bh[static_cast<std::size_t>(j * rank + c)]);
+      }
+    for (std::int64_t i = 0; i < out; ++i)
+      for (std::int64_t c = 0; c < rank; ++c) {
+        const float h = lowrank::es::noise_normal(key, index, static_cast<std::uint64_t>(in * rank + i * rank + c));
+        bad += std::bit_cast<std::uint32_t>(h) != std::bit_cast<std::uint32_t>(ah[static_cast<std::size_t>(i * rank + c)]);
+      }
+    EXPECT_EQ(bad, 0u) << "rank " << rank;
+  }
+}
+
+template <class T>
+void run_eggroll_case(std::int64_t rows, std::int64_t in, std::int64_t out, const lowrank::cuda::EggrollPopulation& pop,
+                      std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const auto x = random_vector<T>(static_cast<std::size_t>(rows * in), rng);
+  const auto w = random_vector<T>(static_cast<std::size_t>(out * in), rng, 0.05f);
+  // float64 reference: Y_i = X_i W^T + sign sigma/sqrt(r) (X_i B_k) A_k^T.
+  std::vector<float> ref(static_cast<std::size_t>(rows * out));
+  const std::int64_t r = pop.rank;
+  for (std::int64_t i = 0; i < rows; ++i) {
+    const auto mn = lowrank::es::member_noise(pop.member0 + i, pop.population, pop.antithetic);
+    std::vector<double> t(static_cast<std::size_t>(r), 0.0);
+    for (std::int64_t j = 0; j < in; ++j)
+      for (std::int64_t c = 0; c < r; ++c)
+        t[static_cast<std::size_t>(c)] += static_cast<double>(static_cast<float>(x[static_cast<std::size_t>(i * in + j)])) *
+                                          lowrank::es::noise_normal(pop.key, mn.index, static_cast<std::uint64_t>(j * r + c));
+    for (std::int64_t o = 0; o < out; ++o) {
+      double acc = 0;
+      for (std::int64_t j = 0; j < in; ++j)
+        acc += static_cast<double>(static_cast<float>(x[static_cast<std::size_t>(i * in + j)])) *
+               static_cast<double>(static_cast<float>(w[static_cast<std::size_t>(o * in + j)]));
+      double low = 0;
+      for (std::int64_t c = 0; c < r; ++c)
+        low += t[static_cast<std::size_t>(c)] *
+               lowrank::es::noise_normal(pop.key, mn.index, static_cast<std::uint64_t>(in * r + o * r + c));
+      ref[static_cast<std::size_t>(i * out + o)] =
+          static_cast<float>(acc + mn.sign * pop.sigma / std::sqrt(static_cast<double>(r)) * low);
+    }
+  }
+  Buffer<T> xd(x.size()), wd(w.size()), yd(ref.size());
+  xd.upload(x);
+  wd.upload(w);
+  check(cudaMemset(yd.p, 0xFF, ref.size() * sizeof(T)), "poison Y");
+  lowrank::cuda::eggroll_forward<T>(lowrank::cuda::device_row_major<const T>(xd.p, rows, in),
+                                    lowrank::cuda::device_row_major<const T>(wd.p, out, in), pop,
+                                    lowrank::cuda::device_row_major<T>(yd.p, rows, out));
+  check(cudaDeviceSynchronize(), "eggroll_forward");
+  const double err = rel_error(yd.download(), ref);
+  const double tol = std::is_same_v<T, float> ? 1e-5 : 1.5e-2;
+  EXPECT_LT(err, tol) << "rows=" << rows << " in=" << in << " out=" << out << " r=" << r
+                      << " antithetic=" << static_cast<int>(pop.antithetic) << " member0=" << pop.member0;
+}
+
+TEST(CudaEggroll, ForwardMatchesFloat64Reference) {
+  REQUIRE_GPU();
+  using lowrank::es::Antithetic;
+  std::uint64_t seed = 300;
+  for (const Antithetic anti : {Antithetic::interleaved, Antithetic::halves, Antithetic::none}) {
+    for (const std::int64_t r : {1, 3, 16}) {
+      lowrank::cuda::EggrollPopulation pop;
+      pop.key = {99 + static_cast<std::uint64_t>(r), 2, 5};
+      pop.rank = r;
+      pop.sigma = 0.3;
+      pop.population = 10;
+      pop.antithetic = anti;
+      run_eggroll_case<float>(10, 131, 67, pop, seed++);
+      run_eggroll_case<bf16>(10, 130, 67, pop, seed++);
+      pop.population = 24;
+      pop.member0 = 3;  // odd offset: no pairs in one block
+      run_eggroll_case<float>(7, 64, 33, pop, seed++);
+      run_eggroll_case<bf16>(7, 64, 33, pop, seed++);
+    }
+  }
+}
+
+TEST(CudaEggroll, BadArgumentsThrow) {
+  auto* fake = reinterpret_cast<float*>(std::uintptr_t{1} << 20);
+  const auto x = lowrank::cuda::device_row_major<const float>(fake, 4, 8);
+  const auto w = lowrank::cuda::device_row_major<const float>(fake + 100, 6, 8);
+  const auto y = lowrank::cuda::device_row_major<float>(fake + 400, 4, 6);
+  lowrank::cuda::EggrollPopulation pop;
+  pop.population = 4;
+  pop.sigma = 0.1;
+  pop.rank = 17;
+  EXPECT_THROW(lowrank::cuda::eggroll_forward<float>(x, w, pop, y), lowrank::Error);
+  pop.rank = 1;
+  pop.population = 3;
+  EXPECT_THROW(lowrank::cuda::eggroll_forward<float>(x, w, pop, y), lowrank::Error);  // odd, antithetic
+  pop.population = 4;
+  pop.member0 = 2;
+  EXPECT_THROW(lowrank::cuda::eggroll_forward<float>(x, w, pop, y), lowrank::Error);  // past the population
+  pop.member0 = 0;
+  pop.sigma = NAN;
+  EXPECT_THROW(lowrank::cuda::eggroll_forward<float>(x, w, pop, y), lowrank::Error);
+}
+
+TEST(CudaDevice, AvailabilityReportsAReason) {
+  std::string why;
+  if (!lowrank::cuda::device_available(&why)) {
+    EXPECT_FALSE(why.empty());
+    GTEST_SKIP() << "no CUDA device: " << why;
+  }
+  int device = -1;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  std::printf("device %d: %s, sm_%d%d, %d SMs\n", device, prop.name, prop.major, prop.minor, prop.multiProcessorCount);
+}
+
+}  // namespace
