@@ -273,7 +273,8 @@ std::size_t lora_forward_workspace_bytes(std::int64_t tokens, std::int64_t rank)
 
 template <ForwardScalar T>
 void lora_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, DeviceMatrix<const T> A, DeviceMatrix<const T> B,
-                  double scale, DeviceMatrix<T> Y, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
+                  double scale, DeviceMatrix<T> Y, void* workspace, std::size_t workspace_bytes, cudaStream_t stream,
+                  const DeviceLoraOptions& options) {
   constexpr const char* fn = "cuda::lora_forward";
   using namespace detail;
   check_shape(fn, "X", X);
@@ -310,6 +311,26 @@ void lora_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, DeviceMatrix
   check_device(fn, "B", B);
   check_device(fn, "Y", Y);
   if (need > 0) check_pointer(fn, "workspace", workspace);
+  const std::int64_t vec = std::same_as<T, float> ? 4 : 8;
+  auto rows_aligned = [&](const auto& v) {
+    return v.col_stride == 1 && (v.rows == 1 || v.row_stride % vec == 0) &&
+           reinterpret_cast<std::uintptr_t>(v.data) % 16 == 0;
+  };
+  if (tokens <= std::min<std::int64_t>(options.gemv_max_tokens, 16) && in % 8 == 0 && in > 0 && r <= 64 &&
+      rows_aligned(X) && rows_aligned(W) && (Y.col_stride == 1 || Y.cols == 1)) {
+    LoraSmallLaunch l{};
+    l.dtype = dtype_of<T>();
+    l.x = X.data, l.ldx = X.row_stride;
+    l.w = W.data, l.ldw = W.row_stride;
+    l.a = A.data, l.a_rs = A.row_stride, l.a_cs = A.col_stride;
+    l.b = B.data, l.b_rs = B.row_stride, l.b_cs = B.col_stride;
+    l.y = Y.data, l.ldy = Y.rows > 1 ? Y.row_stride : Y.cols;
+    l.t = static_cast<float*>(workspace);
+    l.tokens = tokens, l.in = in, l.out = out, l.r = r;
+    l.scale = static_cast<float>(scale);
+    check_cuda(fn, static_cast<cudaError_t>(launch_lora_small(l, stream)), "kernel launch");
+    return;
+  }
   cublasHandle_t h = handle_for(fn, stream);
   if (r > 0 && in > 0) {
     gemm<T>(fn, h, X, A.transposed(), t, static_cast<float>(scale), 0.0f);  // T = s X A^T
@@ -434,9 +455,10 @@ template void rank_update<f16>(DeviceMatrix<f16>, DeviceMatrix<const float>, Dev
                                const RankUpdateOptions&, cudaStream_t);
 template void lora_forward<float>(DeviceMatrix<const float>, DeviceMatrix<const float>, DeviceMatrix<const float>,
                                   DeviceMatrix<const float>, double, DeviceMatrix<float>, void*, std::size_t,
-                                  cudaStream_t);
+                                  cudaStream_t, const DeviceLoraOptions&);
 template void lora_forward<bf16>(DeviceMatrix<const bf16>, DeviceMatrix<const bf16>, DeviceMatrix<const bf16>,
-                                 DeviceMatrix<const bf16>, double, DeviceMatrix<bf16>, void*, std::size_t, cudaStream_t);
+                                 DeviceMatrix<const bf16>, double, DeviceMatrix<bf16>, void*, std::size_t, cudaStream_t,
+                                 const DeviceLoraOptions&);
 template void linear_forward<float>(DeviceMatrix<const float>, DeviceMatrix<const float>, DeviceMatrix<float>,
                                     cudaStream_t);
 template void linear_forward<bf16>(DeviceMatrix<const bf16>, DeviceMatrix<const bf16>, DeviceMatrix<bf16>, cudaStream_t);

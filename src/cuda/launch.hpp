@@ -52,6 +52,26 @@ struct EggrollTermLaunch {
 // Writes Y = sign sigma/sqrt(r) (X_i B_k) A_k^T for every row.
 int launch_eggroll_term(const EggrollTermLaunch& p, cudaStream_t stream);
 
+// Fused LoRA forward for 1..16 tokens (lora_small.cu). Preconditions (checked by the caller): X,
+// W, Y with unit column stride; X and W rows 16-byte aligned with `in` a multiple of 8; r <= 64.
+struct LoraSmallLaunch {
+  Dtype dtype;  // f32 or bf16
+  const void* x;
+  std::int64_t ldx;
+  const void* w;
+  std::int64_t ldw;
+  const void* a;
+  std::int64_t a_rs, a_cs;
+  const void* b;
+  std::int64_t b_rs, b_cs;
+  void* y;
+  std::int64_t ldy;
+  float* t;  // workspace: tokens x r fp32
+  std::int64_t tokens, in, out, r;
+  float scale;
+};
+int launch_lora_small(const LoraSmallLaunch& p, cudaStream_t stream);
+
 int launch_noise_factors(const es::NoiseKey& key, std::uint32_t index, float* a, std::int64_t out, std::int64_t a_rs,
                          std::int64_t a_cs, float* b, std::int64_t in, std::int64_t b_rs, std::int64_t b_cs,
                          std::int64_t rank, cudaStream_t stream);

@@ -227,7 +227,7 @@ std::vector<float> widen(const std::vector<T>& v) {
 
 template <class T>
 void run_lora_case(std::int64_t tokens, std::int64_t in, std::int64_t out, std::int64_t r, bool w_col_major,
-                   std::uint64_t seed) {
+                   std::uint64_t seed, std::int64_t gemv_max_tokens = lowrank::cuda::lora_forward_gemv_tokens) {
   std::mt19937_64 rng(seed);
   const auto x = random_vector<T>(static_cast<std::size_t>(tokens * in), rng);
   const auto w = random_vector<T>(static_cast<std::size_t>(out * in), rng, 0.05f);
@@ -257,11 +257,13 @@ void run_lora_case(std::int64_t tokens, std::int64_t in, std::int64_t out, std::
   lowrank::cuda::lora_forward<T>(lowrank::cuda::device_row_major<const T>(xd.p, tokens, in), wv,
                                  lowrank::cuda::device_row_major<const T>(ad.p, r, in),
                                  lowrank::cuda::device_row_major<const T>(bd.p, out, r), scale,
-                                 lowrank::cuda::device_row_major<T>(yd.p, tokens, out), ws.p, ws_bytes);
+                                 lowrank::cuda::device_row_major<T>(yd.p, tokens, out), ws.p, ws_bytes, nullptr,
+                                 lowrank::cuda::DeviceLoraOptions{gemv_max_tokens});
   check(cudaDeviceSynchronize(), "lora_forward");
   const double err = rel_error(yd.download(), ref);
   const double tol = std::is_same_v<T, float> ? 1e-5 : 1.5e-2;
-  EXPECT_LT(err, tol) << "tokens=" << tokens << " in=" << in << " out=" << out << " r=" << r;
+  EXPECT_LT(err, tol) << "tokens=" << tokens << " in=" << in << " out=" << out << " r=" << r
+                      << " gemv_max_tokens=" << gemv_max_tokens;
 }
 
 TEST(CudaLoraForward, Fp32MatchesCpu) {
@@ -270,6 +272,10 @@ TEST(CudaLoraForward, Fp32MatchesCpu) {
   run_lora_case<float>(5, 130, 67, 3, false, 2);
   run_lora_case<float>(67, 257, 129, 16, true, 3);
   run_lora_case<float>(33, 64, 50, 0, false, 4);
+  run_lora_case<float>(16, 264, 77, 16, false, 5, 16);  // one-pass kernel, 16 tokens
+  run_lora_case<float>(3, 1000, 45, 5, false, 6);       // one-pass kernel, loop remainder
+  run_lora_case<float>(1, 96, 77, 16, false, 7, 0);     // cuBLAS path for one token
+  run_lora_case<float>(2, 64, 31, 0, false, 8);         // one-pass kernel without adapter
 }
 
 TEST(CudaLoraForward, Bf16MatchesCpu) {
@@ -278,6 +284,9 @@ TEST(CudaLoraForward, Bf16MatchesCpu) {
   run_lora_case<bf16>(16, 130, 67, 3, false, 12);
   run_lora_case<bf16>(67, 258, 129, 16, true, 13);
   run_lora_case<bf16>(300, 512, 300, 8, false, 14);
+  run_lora_case<bf16>(16, 264, 77, 16, false, 15, 16);
+  run_lora_case<bf16>(7, 1000, 45, 5, false, 16);
+  run_lora_case<bf16>(1, 96, 77, 16, false, 17, 0);
 }
 
 TEST(CudaLoraForward, BadArgumentsThrow) {

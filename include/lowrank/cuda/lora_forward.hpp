@@ -13,6 +13,18 @@ LOWRANK_BEGIN_NAMESPACE
 
 namespace cuda {
 
+/// Up to this many tokens `lora_forward` runs the one-pass kernel (W read once, low-rank term
+/// added before the single rounding); from the next, three cuBLAS products.
+inline constexpr std::int64_t lora_forward_gemv_tokens = 8;
+
+/// Options of the device `lora_forward`.
+struct DeviceLoraOptions {
+  /// Largest token count for the one-pass kernel (at most 16; 0 disables it). The kernel also needs
+  /// unit column strides for X, W and Y, 16-byte aligned rows of X and W, and `in` a multiple of 8;
+  /// otherwise the cuBLAS path runs.
+  std::int64_t gemv_max_tokens = lora_forward_gemv_tokens;
+};
+
 /// Bytes of device workspace `lora_forward` needs for `tokens` tokens and rank `rank` (the
 /// intermediate `T = s X A^T`, padded). 0 when no workspace is needed.
 [[nodiscard]] std::size_t lora_forward_workspace_bytes(std::int64_t tokens, std::int64_t rank) noexcept;
@@ -33,11 +45,14 @@ namespace cuda {
 ///              before it is written; free to reuse once the stream has passed this call
 ///
 /// Every matrix must have unit stride along one of its two dimensions (cuBLAS leading-dimension
-/// layouts). Arithmetic: `T = s X A^T` (fp32 accumulation, rounded to the storage type), then
-/// `Y = X W^T + T B^T` with the low-rank product accumulated in fp32 and rounded into Y before the
-/// base product adds to it (cuBLAS, beta = 1). So bf16 results agree with the CPU's fp32 forward of
-/// the same (widened) inputs to bf16 rounding, not bitwise. Uses a cuBLAS handle per host thread
-/// and device, created on first use.
+/// layouts). Arithmetic, fp32 accumulation throughout:
+/// - up to `options.gemv_max_tokens` tokens (one-pass kernel): `T = s X A^T` in fp32, then each
+///   output is one fp32 sum of the `in` products followed by the `r` products `T(t, c) B(o, c)`,
+///   rounded once into Y;
+/// - otherwise (cuBLAS): `T = s X A^T` rounded to the storage type, `Y = T B^T` rounded into Y,
+///   then `Y = X W^T + Y` (cuBLAS, beta = 1).
+/// So bf16 results agree with the CPU's fp32 forward of the same (widened) inputs to bf16
+/// rounding, not bitwise. Uses a cuBLAS handle per host thread and device, created on first use.
 ///
 /// \throws Error (nothing enqueued, Y unchanged) if shapes disagree, scale is not finite, a view
 /// has no unit stride or a non-positive stride, a non-empty view's pointer is null or not device
@@ -46,7 +61,7 @@ namespace cuda {
 template <ForwardScalar T>
 void lora_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, DeviceMatrix<const T> A,
                   DeviceMatrix<const T> B, double scale, DeviceMatrix<T> Y, void* workspace,
-                  std::size_t workspace_bytes, cudaStream_t stream = nullptr);
+                  std::size_t workspace_bytes, cudaStream_t stream = nullptr, const DeviceLoraOptions& options = {});
 
 /// The base forward alone, \f$ Y = X W^\top \f$ (one cuBLAS GEMM), with the conventions of
 /// `lora_forward`: the baseline the fused forward is measured against.

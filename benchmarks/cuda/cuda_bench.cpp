@@ -1,0 +1,250 @@
+// GPU benchmarks of lowrank::cuda against the device's own limits, in one run: the rank update
+// against a device-to-device copy of the same bytes, the fused LoRA forward and the EGGROLL
+// population forward against the cuBLAS base GEMM alone. cudaEvent timing, medians of batches
+// (several launches per batch for short kernels), inputs rotated among several copies so that
+// the 50 MB L2 does not hold them across repetitions. Prints a table and writes JSON lines
+// (argv[1], default cuda_bench.json).
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "lowrank/cuda/eggroll.hpp"
+#include "lowrank/cuda/lora_forward.hpp"
+#include "lowrank/cuda/rank_update.hpp"
+
+namespace {
+
+using lowrank::bf16;
+namespace lc = lowrank::cuda;
+
+void ck(cudaError_t s, const char* what) {
+  if (s != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(s));
+    std::exit(1);
+  }
+}
+
+void* dalloc(std::size_t bytes) {
+  void* p = nullptr;
+  ck(cudaMalloc(&p, bytes), "cudaMalloc");
+  return p;
+}
+
+// Fills n elements of T with normal(0, scale) via a host buffer (random data, never zeros).
+template <class T>
+void fill(T* d, std::size_t n, float scale, std::uint64_t seed) {
+  std::vector<T> h(std::min<std::size_t>(n, std::size_t{1} << 22));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  for (auto& x : h) x = static_cast<T>(dist(rng));
+  for (std::size_t off = 0; off < n; off += h.size()) {
+    const std::size_t c = std::min(h.size(), n - off);
+    ck(cudaMemcpy(d + off, h.data(), c * sizeof(T), cudaMemcpyHostToDevice), "upload");
+  }
+}
+
+// Median milliseconds per call of f(rep): `batch` calls per timed batch, `batches` batches.
+double time_ms(const std::function<void(int)>& f, int batch, int batches = 15) {
+  for (int i = 0; i < 3; ++i) f(i);
+  ck(cudaDeviceSynchronize(), "warm-up");
+  cudaEvent_t a, b;
+  ck(cudaEventCreate(&a), "event");
+  ck(cudaEventCreate(&b), "event");
+  std::vector<double> t;
+  int rep = 0;
+  for (int k = 0; k < batches; ++k) {
+    ck(cudaEventRecord(a), "record");
+    for (int i = 0; i < batch; ++i) f(rep++);
+    ck(cudaEventRecord(b), "record");
+    ck(cudaEventSynchronize(b), "sync");
+    float ms = 0;
+    ck(cudaEventElapsedTime(&ms, a, b), "elapsed");
+    t.push_back(ms / batch);
+  }
+  ck(cudaGetLastError(), "launch");
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+FILE* json = nullptr;
+void record(const std::string& name, double ms, double baseline_ms, const std::string& baseline, double ratio,
+            const std::string& ratio_kind) {
+  std::printf("%-40s %10.4f ms   %-22s %10.4f ms   ratio %.3f (%s)\n", name.c_str(), ms, baseline.c_str(), baseline_ms,
+              ratio, ratio_kind.c_str());
+  std::fflush(stdout);
+  if (json != nullptr) {
+    std::fprintf(json,
+                 "{\"name\": \"%s\", \"ms\": %.6f, \"baseline\": \"%s\", \"baseline_ms\": %.6f, \"ratio\": %.4f, "
+                 "\"ratio_kind\": \"%s\"}\n",
+                 name.c_str(), ms, baseline.c_str(), baseline_ms, ratio, ratio_kind.c_str());
+    std::fflush(json);
+  }
+}
+
+template <class TW>
+void bench_rank_update(const char* type, std::int64_t d) {
+  const std::size_t elems = static_cast<std::size_t>(d) * d;
+  auto* w = static_cast<TW*>(dalloc(elems * sizeof(TW)));
+  auto* w2 = static_cast<TW*>(dalloc(elems * sizeof(TW)));
+  fill(w, elems, 1.0f, 1);
+  fill(w2, elems, 1.0f, 2);
+  // Copy of the same bytes: read W, write W.
+  const double copy = time_ms([&](int rep) {
+    ck(cudaMemcpyAsync(rep % 2 ? w : w2, rep % 2 ? w2 : w, elems * sizeof(TW), cudaMemcpyDeviceToDevice), "copy");
+  }, 1);
+  const double bytes = 2.0 * static_cast<double>(elems * sizeof(TW));
+  std::printf("device copy %s %lldx%lld: %.4f ms = %.0f GB/s (read + write)\n", type, static_cast<long long>(d),
+              static_cast<long long>(d), copy, bytes / copy / 1e6);
+  for (std::int64_t r : {1, 16}) {
+    auto* u = static_cast<float*>(dalloc(static_cast<std::size_t>(d * r) * 4));
+    auto* v = static_cast<float*>(dalloc(static_cast<std::size_t>(d * r) * 4));
+    fill(u, static_cast<std::size_t>(d * r), 1e-3f, 3);
+    fill(v, static_cast<std::size_t>(d * r), 1e-3f, 4);
+    const double ms = time_ms([&](int rep) {
+      lc::rank_update<TW>(lc::device_row_major(rep % 2 ? w : w2, d, d), lc::device_row_major<const float>(u, d, r),
+                          lc::device_row_major<const float>(v, d, r), 0.5);
+    }, 1);
+    record(std::string("rank_update ") + type + " " + std::to_string(d) + "^2 r=" + std::to_string(r), ms, copy,
+           "device copy", copy / ms, "fraction of copy bandwidth");
+    if (!std::is_same_v<TW, float> && r == 16) {
+      lowrank::RankUpdateOptions o;
+      o.rounding = lowrank::Rounding::stochastic;
+      o.seed = 5;
+      const double sr = time_ms([&](int rep) {
+        lc::rank_update<TW>(lc::device_row_major(rep % 2 ? w : w2, d, d), lc::device_row_major<const float>(u, d, r),
+                            lc::device_row_major<const float>(v, d, r), 0.5, o);
+      }, 1);
+      record(std::string("rank_update ") + type + " stochastic r=16", sr, copy, "device copy", copy / sr,
+             "fraction of copy bandwidth");
+    }
+    cudaFree(u);
+    cudaFree(v);
+  }
+  cudaFree(w);
+  cudaFree(w2);
+}
+
+template <class T>
+void bench_lora(const char* type, std::int64_t d, std::int64_t r, std::int64_t tokens,
+                std::int64_t gemv_max_tokens = lc::lora_forward_gemv_tokens, const char* suffix = "") {
+  constexpr int sets = 3;
+  T *x[sets], *w[sets], *a[sets], *b[sets], *y[sets];
+  for (int s = 0; s < sets; ++s) {
+    x[s] = static_cast<T*>(dalloc(static_cast<std::size_t>(tokens * d) * sizeof(T)));
+    w[s] = static_cast<T*>(dalloc(static_cast<std::size_t>(d * d) * sizeof(T)));
+    a[s] = static_cast<T*>(dalloc(static_cast<std::size_t>(r * d) * sizeof(T)));
+    b[s] = static_cast<T*>(dalloc(static_cast<std::size_t>(d * r) * sizeof(T)));
+    y[s] = static_cast<T*>(dalloc(static_cast<std::size_t>(tokens * d) * sizeof(T)));
+    fill(x[s], static_cast<std::size_t>(tokens * d), 1.0f, 10 + s);
+    fill(w[s], static_cast<std::size_t>(d * d), 0.02f, 20 + s);
+    fill(a[s], static_cast<std::size_t>(r * d), 0.02f, 30 + s);
+    fill(b[s], static_cast<std::size_t>(d * r), 0.02f, 40 + s);
+  }
+  const std::size_t ws_bytes = lc::lora_forward_workspace_bytes(tokens, r);
+  void* ws = dalloc(std::max<std::size_t>(ws_bytes, 256));
+  const int batch = tokens <= 256 ? 20 : 3;
+  const double base = time_ms([&](int rep) {
+    const int s = rep % sets;
+    lc::linear_forward<T>(lc::device_row_major<const T>(x[s], tokens, d), lc::device_row_major<const T>(w[s], d, d),
+                          lc::device_row_major(y[s], tokens, d));
+  }, batch);
+  const double fused = time_ms([&](int rep) {
+    const int s = rep % sets;
+    lc::lora_forward<T>(lc::device_row_major<const T>(x[s], tokens, d), lc::device_row_major<const T>(w[s], d, d),
+                        lc::device_row_major<const T>(a[s], r, d), lc::device_row_major<const T>(b[s], d, r), 2.0,
+                        lc::device_row_major(y[s], tokens, d), ws, ws_bytes, nullptr,
+                        lc::DeviceLoraOptions{gemv_max_tokens});
+  }, batch);
+  record(std::string("lora_forward ") + type + " d=" + std::to_string(d) + " r=" + std::to_string(r) +
+             " tokens=" + std::to_string(tokens) + suffix,
+         fused, base, "cuBLAS base GEMM", fused / base, "time over base GEMM");
+  for (int s = 0; s < sets; ++s) {
+    cudaFree(x[s]);
+    cudaFree(w[s]);
+    cudaFree(a[s]);
+    cudaFree(b[s]);
+    cudaFree(y[s]);
+  }
+  cudaFree(ws);
+}
+
+template <class T>
+void bench_eggroll(const char* type, std::int64_t d, std::int64_t n, std::int64_t r) {
+  constexpr int sets = 2;
+  T *x[sets], *w[sets], *y[sets];
+  for (int s = 0; s < sets; ++s) {
+    x[s] = static_cast<T*>(dalloc(static_cast<std::size_t>(n * d) * sizeof(T)));
+    w[s] = static_cast<T*>(dalloc(static_cast<std::size_t>(d * d) * sizeof(T)));
+    y[s] = static_cast<T*>(dalloc(static_cast<std::size_t>(n * d) * sizeof(T)));
+    fill(x[s], static_cast<std::size_t>(n * d), 1.0f, 50 + s);
+    fill(w[s], static_cast<std::size_t>(d * d), 0.02f, 60 + s);
+  }
+  lc::EggrollPopulation pop;
+  pop.key = {1234, 1, 0};
+  pop.rank = r;
+  pop.sigma = 0.01;
+  pop.population = n;
+  pop.antithetic = lowrank::es::Antithetic::interleaved;
+  const double base = time_ms([&](int rep) {
+    const int s = rep % sets;
+    lc::linear_forward<T>(lc::device_row_major<const T>(x[s], n, d), lc::device_row_major<const T>(w[s], d, d),
+                          lc::device_row_major(y[s], n, d));
+  }, 5);
+  const double egg = time_ms([&](int rep) {
+    const int s = rep % sets;
+    lc::eggroll_forward<T>(lc::device_row_major<const T>(x[s], n, d), lc::device_row_major<const T>(w[s], d, d), pop,
+                           lc::device_row_major(y[s], n, d));
+  }, 5);
+  record(std::string("eggroll_forward ") + type + " d=" + std::to_string(d) + " N=" + std::to_string(n) +
+             " r=" + std::to_string(r),
+         egg, base, "cuBLAS base GEMM", base / egg, "throughput vs plain inference");
+  for (int s = 0; s < sets; ++s) {
+    cudaFree(x[s]);
+    cudaFree(w[s]);
+    cudaFree(y[s]);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string why;
+  if (!lc::device_available(&why)) {
+    std::printf("no CUDA device: %s\n", why.c_str());
+    return 0;
+  }
+  json = std::fopen(argc > 1 ? argv[1] : "cuda_bench.json", "w");
+  cudaDeviceProp prop{};
+  int dev = 0, driver = 0, runtime = 0;
+  ck(cudaGetDevice(&dev), "device");
+  ck(cudaGetDeviceProperties(&prop, dev), "props");
+  cudaDriverGetVersion(&driver);
+  cudaRuntimeGetVersion(&runtime);
+  std::printf("device: %s, %d SMs, %.0f MB L2, driver API %d, runtime %d\n", prop.name, prop.multiProcessorCount,
+              prop.l2CacheSize / 1e6, driver, runtime);
+  const std::int64_t big = 16384;
+  bench_rank_update<float>("fp32", big);
+  bench_rank_update<bf16>("bf16", big);
+  for (std::int64_t tokens : {1, 16, 256, 4096}) bench_lora<bf16>("bf16", 4096, 16, tokens);
+  bench_lora<bf16>("bf16", 4096, 16, 16, 16, " (one-pass)");
+  bench_lora<bf16>("bf16", 4096, 16, 1, 0, " (cuBLAS path)");
+  bench_lora<bf16>("bf16", 4096, 16, 8, 0, " (cuBLAS path)");
+  bench_lora<bf16>("bf16", 4096, 16, 8, 8, " (one-pass)");
+  for (std::int64_t tokens : {1, 256}) bench_lora<float>("fp32", 4096, 16, tokens);
+  bench_eggroll<bf16>("bf16", 4096, 2048, 1);
+  bench_eggroll<bf16>("bf16", 4096, 2048, 4);
+  bench_eggroll<float>("fp32", 4096, 2048, 1);
+  if (json != nullptr) std::fclose(json);
+  return 0;
+}
