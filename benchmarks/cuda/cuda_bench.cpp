@@ -52,25 +52,46 @@ void fill(T* d, std::size_t n, float scale, std::uint64_t seed) {
   }
 }
 
-// Median milliseconds per call of f(rep): `batch` calls per timed batch, `batches` batches.
-double time_ms(const std::function<void(int)>& f, int batch, int batches = 15) {
+cudaStream_t g_stream = nullptr;
+
+// Median milliseconds per call of f(rep), each call enqueued on g_stream: `batch` calls are
+// captured into a CUDA graph (launch gaps and host-side argument checks out of the numbers) and
+// the graph replayed `batches` times, each replay timed with events. With graph == false the
+// calls themselves are timed (host overhead included when it exceeds the device time).
+double time_ms(const std::function<void(int)>& f, int batch, int batches = 15, bool graph = true) {
   for (int i = 0; i < 3; ++i) f(i);
-  ck(cudaDeviceSynchronize(), "warm-up");
+  ck(cudaStreamSynchronize(g_stream), "warm-up");
   cudaEvent_t a, b;
   ck(cudaEventCreate(&a), "event");
   ck(cudaEventCreate(&b), "event");
+  cudaGraphExec_t exec = nullptr;
+  if (graph) {
+    cudaGraph_t g = nullptr;
+    ck(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeRelaxed), "begin capture");
+    for (int i = 0; i < batch; ++i) f(i);
+    ck(cudaStreamEndCapture(g_stream, &g), "end capture");
+    ck(cudaGraphInstantiate(&exec, g, 0), "instantiate");
+    cudaGraphDestroy(g);
+    ck(cudaGraphLaunch(exec, g_stream), "graph warm-up");
+    ck(cudaStreamSynchronize(g_stream), "graph warm-up");
+  }
   std::vector<double> t;
   int rep = 0;
   for (int k = 0; k < batches; ++k) {
-    ck(cudaEventRecord(a), "record");
-    for (int i = 0; i < batch; ++i) f(rep++);
-    ck(cudaEventRecord(b), "record");
+    ck(cudaEventRecord(a, g_stream), "record");
+    if (graph) {
+      ck(cudaGraphLaunch(exec, g_stream), "graph launch");
+    } else {
+      for (int i = 0; i < batch; ++i) f(rep++);
+    }
+    ck(cudaEventRecord(b, g_stream), "record");
     ck(cudaEventSynchronize(b), "sync");
     float ms = 0;
     ck(cudaEventElapsedTime(&ms, a, b), "elapsed");
     t.push_back(ms / batch);
   }
   ck(cudaGetLastError(), "launch");
+  if (exec != nullptr) cudaGraphExecDestroy(exec);
   cudaEventDestroy(a);
   cudaEventDestroy(b);
   std::sort(t.begin(), t.end());
@@ -101,7 +122,7 @@ void bench_rank_update(const char* type, std::int64_t d) {
   fill(w2, elems, 1.0f, 2);
   // Copy of the same bytes: read W, write W.
   const double copy = time_ms([&](int rep) {
-    ck(cudaMemcpyAsync(rep % 2 ? w : w2, rep % 2 ? w2 : w, elems * sizeof(TW), cudaMemcpyDeviceToDevice), "copy");
+    ck(cudaMemcpyAsync(rep % 2 ? w : w2, rep % 2 ? w2 : w, elems * sizeof(TW), cudaMemcpyDeviceToDevice, g_stream), "copy");
   }, 1);
   const double bytes = 2.0 * static_cast<double>(elems * sizeof(TW));
   std::printf("device copy %s %lldx%lld: %.4f ms = %.0f GB/s (read + write)\n", type, static_cast<long long>(d),
@@ -113,7 +134,7 @@ void bench_rank_update(const char* type, std::int64_t d) {
     fill(v, static_cast<std::size_t>(d * r), 1e-3f, 4);
     const double ms = time_ms([&](int rep) {
       lc::rank_update<TW>(lc::device_row_major(rep % 2 ? w : w2, d, d), lc::device_row_major<const float>(u, d, r),
-                          lc::device_row_major<const float>(v, d, r), 0.5);
+                          lc::device_row_major<const float>(v, d, r), 0.5, {}, g_stream);
     }, 1);
     record(std::string("rank_update ") + type + " " + std::to_string(d) + "^2 r=" + std::to_string(r), ms, copy,
            "device copy", copy / ms, "fraction of copy bandwidth");
@@ -123,7 +144,7 @@ void bench_rank_update(const char* type, std::int64_t d) {
       o.seed = 5;
       const double sr = time_ms([&](int rep) {
         lc::rank_update<TW>(lc::device_row_major(rep % 2 ? w : w2, d, d), lc::device_row_major<const float>(u, d, r),
-                            lc::device_row_major<const float>(v, d, r), 0.5, o);
+                            lc::device_row_major<const float>(v, d, r), 0.5, o, g_stream);
       }, 1);
       record(std::string("rank_update ") + type + " stochastic r=16", sr, copy, "device copy", copy / sr,
              "fraction of copy bandwidth");
@@ -157,18 +178,35 @@ void bench_lora(const char* type, std::int64_t d, std::int64_t r, std::int64_t t
   const double base = time_ms([&](int rep) {
     const int s = rep % sets;
     lc::linear_forward<T>(lc::device_row_major<const T>(x[s], tokens, d), lc::device_row_major<const T>(w[s], d, d),
-                          lc::device_row_major(y[s], tokens, d));
+                          lc::device_row_major(y[s], tokens, d), g_stream);
   }, batch);
   const double fused = time_ms([&](int rep) {
     const int s = rep % sets;
     lc::lora_forward<T>(lc::device_row_major<const T>(x[s], tokens, d), lc::device_row_major<const T>(w[s], d, d),
                         lc::device_row_major<const T>(a[s], r, d), lc::device_row_major<const T>(b[s], d, r), 2.0,
-                        lc::device_row_major(y[s], tokens, d), ws, ws_bytes, nullptr,
+                        lc::device_row_major(y[s], tokens, d), ws, ws_bytes, g_stream,
                         lc::DeviceLoraOptions{gemv_max_tokens});
   }, batch);
   record(std::string("lora_forward ") + type + " d=" + std::to_string(d) + " r=" + std::to_string(r) +
              " tokens=" + std::to_string(tokens) + suffix,
          fused, base, "cuBLAS base GEMM", fused / base, "time over base GEMM");
+  if (tokens == 1 && suffix[0] == 0) {
+    // The same calls timed one by one from the host (no graph): the API's argument checks.
+    const double base_direct = time_ms([&](int rep) {
+      const int s = rep % sets;
+      lc::linear_forward<T>(lc::device_row_major<const T>(x[s], tokens, d), lc::device_row_major<const T>(w[s], d, d),
+                            lc::device_row_major(y[s], tokens, d), g_stream);
+    }, batch, 15, false);
+    const double fused_direct = time_ms([&](int rep) {
+      const int s = rep % sets;
+      lc::lora_forward<T>(lc::device_row_major<const T>(x[s], tokens, d), lc::device_row_major<const T>(w[s], d, d),
+                          lc::device_row_major<const T>(a[s], r, d), lc::device_row_major<const T>(b[s], d, r), 2.0,
+                          lc::device_row_major(y[s], tokens, d), ws, ws_bytes, g_stream,
+                          lc::DeviceLoraOptions{gemv_max_tokens});
+    }, batch, 15, false);
+    record(std::string("lora_forward ") + type + " tokens=1 (stream, no graph)", fused_direct, base_direct,
+           "cuBLAS base (no graph)", fused_direct / base_direct, "time over base GEMM");
+  }
   for (int s = 0; s < sets; ++s) {
     cudaFree(x[s]);
     cudaFree(w[s]);
@@ -199,12 +237,12 @@ void bench_eggroll(const char* type, std::int64_t d, std::int64_t n, std::int64_
   const double base = time_ms([&](int rep) {
     const int s = rep % sets;
     lc::linear_forward<T>(lc::device_row_major<const T>(x[s], n, d), lc::device_row_major<const T>(w[s], d, d),
-                          lc::device_row_major(y[s], n, d));
+                          lc::device_row_major(y[s], n, d), g_stream);
   }, 5);
   const double egg = time_ms([&](int rep) {
     const int s = rep % sets;
     lc::eggroll_forward<T>(lc::device_row_major<const T>(x[s], n, d), lc::device_row_major<const T>(w[s], d, d), pop,
-                           lc::device_row_major(y[s], n, d));
+                           lc::device_row_major(y[s], n, d), g_stream);
   }, 5);
   record(std::string("eggroll_forward ") + type + " d=" + std::to_string(d) + " N=" + std::to_string(n) +
              " r=" + std::to_string(r),
@@ -225,6 +263,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   json = std::fopen(argc > 1 ? argv[1] : "cuda_bench.json", "w");
+  ck(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking), "stream");
   cudaDeviceProp prop{};
   int dev = 0, driver = 0, runtime = 0;
   ck(cudaGetDevice(&dev), "device");

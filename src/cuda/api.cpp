@@ -160,6 +160,13 @@ cublasHandle_t handle_for(const char* fn, cudaStream_t stream) {
   return it->second;
 }
 
+int device_major(const char* fn) {
+  int device = 0, major = 0;
+  check_cuda(fn, cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(fn, cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  return major;
+}
+
 struct Operand {
   const void* p;
   std::int64_t ld;
@@ -316,8 +323,12 @@ void lora_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, DeviceMatrix
     return v.col_stride == 1 && (v.rows == 1 || v.row_stride % vec == 0) &&
            reinterpret_cast<std::uintptr_t>(v.data) % 16 == 0;
   };
-  if (tokens <= std::min<std::int64_t>(options.gemv_max_tokens, 16) && in % 8 == 0 && in > 0 && r <= 64 &&
-      rows_aligned(X) && rows_aligned(W) && (Y.col_stride == 1 || Y.cols == 1)) {
+  // One-pass kernels: bf16 on tensor cores when `in` is a multiple of 32, else the FMA kernel
+  // (fast up to a few tokens only: its X operands come from L1 for every product).
+  const bool one_pass_layout = in % 8 == 0 && in > 0 && r <= 64 && rows_aligned(X) && rows_aligned(W) &&
+                               (Y.col_stride == 1 || Y.cols == 1);
+  const bool use_mma = std::same_as<T, bf16> && in % 32 == 0 && device_major(fn) >= 8;
+  if (one_pass_layout && tokens <= std::min<std::int64_t>(options.gemv_max_tokens, use_mma ? 16 : 4)) {
     LoraSmallLaunch l{};
     l.dtype = dtype_of<T>();
     l.x = X.data, l.ldx = X.row_stride;
@@ -328,6 +339,7 @@ void lora_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, DeviceMatrix
     l.t = static_cast<float*>(workspace);
     l.tokens = tokens, l.in = in, l.out = out, l.r = r;
     l.scale = static_cast<float>(scale);
+    l.mma = use_mma;
     check_cuda(fn, static_cast<cudaError_t>(launch_lora_small(l, stream)), "kernel launch");
     return;
   }

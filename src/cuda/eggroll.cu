@@ -16,7 +16,8 @@ LOWRANK_BEGIN_NAMESPACE
 namespace cuda::detail {
 namespace {
 
-constexpr int kThreads = 256;
+// 128 threads: about 8 blocks per multiprocessor for N = 2048, in one wave.
+constexpr int kThreads = 128;
 constexpr int kMaxRank = 16;
 
 __device__ __forceinline__ float load(const float* p, std::int64_t i) { return p[i]; }

@@ -53,7 +53,8 @@ struct EggrollTermLaunch {
 int launch_eggroll_term(const EggrollTermLaunch& p, cudaStream_t stream);
 
 // Fused LoRA forward for 1..16 tokens (lora_small.cu). Preconditions (checked by the caller): X,
-// W, Y with unit column stride; X and W rows 16-byte aligned with `in` a multiple of 8; r <= 64.
+// W, Y with unit column stride; X and W rows 16-byte aligned with `in` a multiple of 8 (32 for
+// the tensor-core kernel); r <= 64.
 struct LoraSmallLaunch {
   Dtype dtype;  // f32 or bf16
   const void* x;
@@ -69,6 +70,7 @@ struct LoraSmallLaunch {
   float* t;  // workspace: tokens x r fp32
   std::int64_t tokens, in, out, r;
   float scale;
+  bool mma;  // bf16 tensor-core kernel (in a multiple of 32, sm_80+); else the FMA kernel
 };
 int launch_lora_small(const LoraSmallLaunch& p, cudaStream_t stream);
 

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "launch.hpp"
 
@@ -118,6 +119,129 @@ __global__ void __launch_bounds__(256) lora_gemv_kernel(const T* __restrict__ x,
   }
 }
 
+// bf16 with tensor cores (mma.sync m16n8k16, fp32 accumulation): a block owns 16 output rows and
+// its 16 warps split the input dimension in 32-wide chunks (warp w takes chunks w, w + 16, ...).
+// Within a chunk, lane (g = lane / 4, t = lane % 4) loads 16 bytes of W rows g and g + 8 and of X
+// rows (tokens) g and g + 8 at columns 8t..8t+7; the products' k order is permuted the same way
+// for W and X, so the fragments come straight from those loads. The warps' partial sums are
+// added in a fixed order through shared memory, then T B^T, then one rounding into Y.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
+                                         std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// 16-byte read-only load. Volatile asm keeps the issue order of these loads and of the mma
+// instructions as written: all loads of an unrolled step are in flight before the first mma.
+// Rows outside the matrix read a valid row (the caller clamps the pointer) and are zeroed here.
+__device__ __forceinline__ uint4 ldg16(const __nv_bfloat16* p, bool ok) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  if (!ok) v = make_uint4(0u, 0u, 0u, 0u);
+  return v;
+}
+
+constexpr int kMmaWarps = 16;
+
+template <int NTILES>
+__global__ void __launch_bounds__(kMmaWarps * 32) lora_mma_kernel(const __nv_bfloat16* __restrict__ x, std::int64_t ldx,
+                                                       const __nv_bfloat16* __restrict__ w, std::int64_t ldw,
+                                                       const __nv_bfloat16* __restrict__ b, std::int64_t b_rs,
+                                                       std::int64_t b_cs, const float* __restrict__ t_in,
+                                                       __nv_bfloat16* __restrict__ y, std::int64_t ldy, int tokens,
+                                                       std::int64_t in, std::int64_t out, int r) {
+  __shared__ float red[kMmaWarps][16][17];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const std::int64_t o0 = static_cast<std::int64_t>(blockIdx.x) * 16;
+  const bool row_lo = o0 + g < out, row_hi = o0 + g + 8 < out;
+  const __nv_bfloat16* w_lo = w + (row_lo ? (o0 + g) * ldw : 0) + 8 * t;
+  const __nv_bfloat16* w_hi = w + (row_hi ? (o0 + g + 8) * ldw : 0) + 8 * t;
+  const __nv_bfloat16* xr[NTILES];
+  bool xok[NTILES];
+#pragma unroll
+  for (int nt = 0; nt < NTILES; ++nt) {
+    xok[nt] = nt * 8 + g < tokens;
+    xr[nt] = x + (xok[nt] ? (nt * 8 + g) * ldx : 0) + 8 * t;
+  }
+  float c[NTILES][4];
+#pragma unroll
+  for (int nt = 0; nt < NTILES; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.0f;
+  const std::int64_t chunks = in / 32;
+  constexpr int U = 4;
+  std::int64_t ch = warp;
+  for (; ch + kMmaWarps * (U - 1) < chunks; ch += kMmaWarps * U) {
+    uint4 wl[U], wh[U], xv[U][NTILES];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const std::int64_t k = (ch + kMmaWarps * u) * 32;
+      wl[u] = ldg16(w_lo + k, row_lo);
+      wh[u] = ldg16(w_hi + k, row_hi);
+#pragma unroll
+      for (int nt = 0; nt < NTILES; ++nt) xv[u][nt] = ldg16(xr[nt] + k, xok[nt]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int nt = 0; nt < NTILES; ++nt) {
+        mma_bf16(c[nt], wl[u].x, wh[u].x, wl[u].y, wh[u].y, xv[u][nt].x, xv[u][nt].y);
+        mma_bf16(c[nt], wl[u].z, wh[u].z, wl[u].w, wh[u].w, xv[u][nt].z, xv[u][nt].w);
+      }
+  }
+  for (; ch < chunks; ch += kMmaWarps) {
+    const std::int64_t k = ch * 32;
+    const uint4 wl = ldg16(w_lo + k, row_lo), wh = ldg16(w_hi + k, row_hi);
+#pragma unroll
+    for (int nt = 0; nt < NTILES; ++nt) {
+      const uint4 xv = ldg16(xr[nt] + k, xok[nt]);
+      mma_bf16(c[nt], wl.x, wh.x, wl.y, wh.y, xv.x, xv.y);
+      mma_bf16(c[nt], wl.z, wh.z, wl.w, wh.w, xv.z, xv.w);
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < NTILES; ++nt) {
+    red[warp][g][nt * 8 + 2 * t] = c[nt][0];
+    red[warp][g][nt * 8 + 2 * t + 1] = c[nt][1];
+    red[warp][g + 8][nt * 8 + 2 * t] = c[nt][2];
+    red[warp][g + 8][nt * 8 + 2 * t + 1] = c[nt][3];
+  }
+  __syncthreads();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();  // T is complete and visible from here on
+#endif
+  const int tok = threadIdx.x >> 4, row = threadIdx.x & 15;
+  if (tok < tokens && o0 + row < out) {
+    float v = 0.0f;
+#pragma unroll
+    for (int wv = 0; wv < kMmaWarps; ++wv) v += red[wv][row][tok];
+    for (int cc = 0; cc < r; ++cc) v = __fmaf_rn(t_in[tok * r + cc], ld(b, (o0 + row) * b_rs + cc * b_cs), v);
+    y[tok * ldy + o0 + row] = __float2bfloat16_rn(v);
+  }
+}
+
+template <int NTILES>
+cudaError_t launch_mma(const LoraSmallLaunch& l, cudaStream_t stream, bool pdl) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>((l.out + 15) / 16));
+  config.blockDim = dim3(kMmaWarps * 32);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, lora_mma_kernel<NTILES>, static_cast<const __nv_bfloat16*>(l.x), l.ldx,
+                            static_cast<const __nv_bfloat16*>(l.w), l.ldw, static_cast<const __nv_bfloat16*>(l.b),
+                            l.b_rs, l.b_cs, static_cast<const float*>(l.t), static_cast<__nv_bfloat16*>(l.y), l.ldy,
+                            static_cast<int>(l.tokens), l.in, l.out, static_cast<int>(l.r));
+}
+
 template <class T, int NT>
 cudaError_t launch_gemv(const LoraSmallLaunch& l, cudaStream_t stream, bool pdl) {
   const auto* x = static_cast<const T*>(l.x);
@@ -156,6 +280,9 @@ cudaError_t launch_small(const LoraSmallLaunch& l, cudaStream_t stream) {
     if (s != cudaSuccess) return s;
   }
   const bool pdl = major >= 9 && l.r > 0;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (l.mma && major >= 8) return l.tokens <= 8 ? launch_mma<1>(l, stream, pdl) : launch_mma<2>(l, stream, pdl);
+  }
   if (l.tokens <= 1) return launch_gemv<T, 1>(l, stream, pdl);
   if (l.tokens <= 4) return launch_gemv<T, 4>(l, stream, pdl);
   if (l.tokens <= 8) return launch_gemv<T, 8>(l, stream, pdl);

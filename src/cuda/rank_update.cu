@@ -186,19 +186,16 @@ __device__ __forceinline__ void unpack(const typename Vec<TW>::Load& in, float (
   }
 }
 
-template <class TW, int RMAX, int UNROLL>
-__global__ void __launch_bounds__(kThreads) rank_update_rows(TW* __restrict__ w, const float* __restrict__ u,
-                                                             const float* __restrict__ v, Params p) {
+// Grid: x over column strips of kThreads * VEC columns, y over row chunks (each block loops over
+// chunks blockIdx.y, blockIdx.y + gridDim.y, ...): V is loaded into registers once per block and
+// reused for all its rows; alpha U of each chunk is staged in shared memory.
+template <class TW, int RMAX, int UNROLL, bool SR>
+__global__ void __launch_bounds__(kThreads, 2) rank_update_rows(TW* __restrict__ w, const float* __restrict__ u,
+                                                                const float* __restrict__ v, Params p) {
   constexpr int VEC = Vec<TW>::n;
   using Load = typename Vec<TW>::Load;
   __shared__ float au[kRowsPerBlock][RMAX];
   const int r = p.r;
-  const std::int64_t i0 = static_cast<std::int64_t>(blockIdx.y) * kRowsPerBlock;
-  const int rows = static_cast<int>(p.m - i0 < kRowsPerBlock ? p.m - i0 : kRowsPerBlock);
-  for (int e = threadIdx.x; e < rows * r; e += kThreads) {
-    const int ii = e / r, k = e % r;
-    au[ii][k] = static_cast<float>(p.alpha_u * static_cast<double>(u[(i0 + ii) * p.u_rs + k * p.u_cs]));
-  }
   const std::int64_t j = (static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
   float vr[VEC][RMAX];
 #pragma unroll
@@ -208,64 +205,74 @@ __global__ void __launch_bounds__(kThreads) rank_update_rows(TW* __restrict__ w,
       vr[c][k] = (k < r && j + c < p.n)
                      ? static_cast<float>(p.alpha_v * static_cast<double>(v[(j + c) * p.v_rs + k * p.v_cs]))
                      : 0.0f;
-  __syncthreads();
-  if (j >= p.n) return;
   const bool full = j + VEC <= p.n;
-  RoundingBits bits = make_bits(p);
-
-  for (int ii = 0; ii < rows; ii += UNROLL) {
-    float acc[UNROLL][VEC];
-    if (full) {
-      Load raw[UNROLL];
-#pragma unroll
-      for (int q = 0; q < UNROLL; ++q)
-        if (ii + q < rows) raw[q] = *reinterpret_cast<const Load*>(w + (i0 + ii + q) * p.w_rs + j);
-#pragma unroll
-      for (int q = 0; q < UNROLL; ++q)
-        if (ii + q < rows) unpack<TW>(raw[q], acc[q]);
-    } else {
-#pragma unroll
-      for (int q = 0; q < UNROLL; ++q)
-#pragma unroll
-        for (int c = 0; c < VEC; ++c)
-          acc[q][c] = (ii + q < rows && j + c < p.n) ? to_f32(w[(i0 + ii + q) * p.w_rs + j + c]) : 0.0f;
+  const std::int64_t chunks = (p.m + kRowsPerBlock - 1) / kRowsPerBlock;
+  for (std::int64_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
+    const std::int64_t i0 = chunk * kRowsPerBlock;
+    const int rows = static_cast<int>(p.m - i0 < kRowsPerBlock ? p.m - i0 : kRowsPerBlock);
+    __syncthreads();  // the previous chunk's reads of au are done
+    for (int e = threadIdx.x; e < rows * r; e += kThreads) {
+      const int ii = e / r, k = e % r;
+      au[ii][k] = static_cast<float>(p.alpha_u * static_cast<double>(u[(i0 + ii) * p.u_rs + k * p.u_cs]));
     }
+    __syncthreads();
+    if (j >= p.n) continue;
+    for (int ii = 0; ii < rows; ii += UNROLL) {
+      float acc[UNROLL][VEC];
+      if (full) {
+        Load raw[UNROLL];
 #pragma unroll
-    for (int q = 0; q < UNROLL; ++q) {
+        for (int q = 0; q < UNROLL; ++q)
+          if (ii + q < rows) raw[q] = *reinterpret_cast<const Load*>(w + (i0 + ii + q) * p.w_rs + j);
 #pragma unroll
-      for (int k = 0; k < RMAX; ++k) {
-        if (k < r) {
-          const float a = au[(ii + q) & (kRowsPerBlock - 1)][k];
-#pragma unroll
-          for (int c = 0; c < VEC; ++c) acc[q][c] = __fmaf_rn(a, vr[c][k], acc[q][c]);
-        }
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < UNROLL; ++q) {
-      if (ii + q >= rows) continue;
-      const std::int64_t i = i0 + ii + q;
-      TW* row = w + i * p.w_rs;
-      if constexpr (sizeof(TW) == 4) {
-        if (full) {
-          *reinterpret_cast<float4*>(row + j) = make_float4(acc[q][0], acc[q][1], acc[q][2], acc[q][3]);
-          continue;
-        }
+        for (int q = 0; q < UNROLL; ++q)
+          if (ii + q < rows) unpack<TW>(raw[q], acc[q]);
       } else {
-        if (full && !p.stochastic) {
-          TW h[VEC];
 #pragma unroll
-          for (int c = 0; c < VEC; ++c) store(h[c], acc[q][c], false, 0u);
-          uint2 packed;
-          packed.x = static_cast<std::uint32_t>(h[0].bits) | (static_cast<std::uint32_t>(h[1].bits) << 16);
-          packed.y = static_cast<std::uint32_t>(h[2].bits) | (static_cast<std::uint32_t>(h[3].bits) << 16);
-          *reinterpret_cast<uint2*>(row + j) = packed;
-          continue;
+        for (int q = 0; q < UNROLL; ++q)
+#pragma unroll
+          for (int c = 0; c < VEC; ++c)
+            acc[q][c] = (ii + q < rows && j + c < p.n) ? to_f32(w[(i0 + ii + q) * p.w_rs + j + c]) : 0.0f;
+      }
+#pragma unroll
+      for (int q = 0; q < UNROLL; ++q) {
+#pragma unroll
+        for (int k = 0; k < RMAX; ++k) {
+          if (k < r) {
+            const float a = au[(ii + q) & (kRowsPerBlock - 1)][k];
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) acc[q][c] = __fmaf_rn(a, vr[c][k], acc[q][c]);
+          }
         }
       }
 #pragma unroll
-      for (int c = 0; c < VEC; ++c)
-        if (j + c < p.n) store(row[j + c], acc[q][c], p.stochastic, p.stochastic ? bits(i, j + c) : 0u);
+      for (int q = 0; q < UNROLL; ++q) {
+        if (ii + q >= rows) continue;
+        const std::int64_t i = i0 + ii + q;
+        TW* row = w + i * p.w_rs;
+        if constexpr (SR) {
+          RoundingBits bits = make_bits(p);
+#pragma unroll
+          for (int c = 0; c < VEC; ++c)
+            if (j + c < p.n) store(row[j + c], acc[q][c], true, bits(i, j + c));
+        } else if (full) {
+          if constexpr (sizeof(TW) == 4) {
+            *reinterpret_cast<float4*>(row + j) = make_float4(acc[q][0], acc[q][1], acc[q][2], acc[q][3]);
+          } else {
+            TW h[VEC];
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) store(h[c], acc[q][c], false, 0u);
+            uint2 packed;
+            packed.x = static_cast<std::uint32_t>(h[0].bits) | (static_cast<std::uint32_t>(h[1].bits) << 16);
+            packed.y = static_cast<std::uint32_t>(h[2].bits) | (static_cast<std::uint32_t>(h[3].bits) << 16);
+            *reinterpret_cast<uint2*>(row + j) = packed;
+          }
+        } else {
+#pragma unroll
+          for (int c = 0; c < VEC; ++c)
+            if (j + c < p.n) store(row[j + c], acc[q][c], false, 0u);
+        }
+      }
     }
   }
 }
@@ -273,12 +280,33 @@ __global__ void __launch_bounds__(kThreads) rank_update_rows(TW* __restrict__ w,
 template <class TW, int RMAX>
 cudaError_t launch_rows(TW* w, const float* u, const float* v, const Params& p, cudaStream_t stream) {
   constexpr int VEC = Vec<TW>::n;
-  constexpr int UNROLL = sizeof(TW) == 4 ? 4 : 8;
+  constexpr int UNROLL = RMAX > 4 ? 4 : 8;
   const std::int64_t col_blocks = (p.n + static_cast<std::int64_t>(kThreads) * VEC - 1) / (kThreads * VEC);
-  const std::int64_t row_blocks = (p.m + kRowsPerBlock - 1) / kRowsPerBlock;
-  if (col_blocks > 0x7FFFFFFF || row_blocks > 65535) return cudaErrorInvalidConfiguration;
+  const std::int64_t chunks = (p.m + kRowsPerBlock - 1) / kRowsPerBlock;
+  if (col_blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
+  // One wave of two blocks per multiprocessor, each looping over an equal number of row chunks
+  // (V is loaded once per block).
+  static int sms = 0;
+  if (sms == 0) {
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
+      sms = 132;
+    }
+  }
+  std::int64_t row_blocks = (2 * static_cast<std::int64_t>(sms) + col_blocks - 1) / col_blocks;
+  row_blocks = row_blocks < chunks ? row_blocks : chunks;
+  const std::int64_t per_block = (chunks + row_blocks - 1) / row_blocks;
+  row_blocks = (chunks + per_block - 1) / per_block;
+  row_blocks = row_blocks < 65535 ? row_blocks : 65535;
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(row_blocks));
-  rank_update_rows<TW, RMAX, UNROLL><<<grid, kThreads, 0, stream>>>(w, u, v, p);
+  if (p.stochastic) {
+    if constexpr (sizeof(TW) == 2) {
+      rank_update_rows<TW, RMAX, UNROLL, true><<<grid, kThreads, 0, stream>>>(w, u, v, p);
+      return cudaGetLastError();
+    }
+  }
+  rank_update_rows<TW, RMAX, UNROLL, false><<<grid, kThreads, 0, stream>>>(w, u, v, p);
   return cudaGetLastError();
 }
 
@@ -286,8 +314,7 @@ template <class TW>
 cudaError_t dispatch(TW* w, const float* u, const float* v, const Params& p, cudaStream_t stream) {
   constexpr int VEC = Vec<TW>::n;
   const bool aligned = p.w_cs == 1 && p.w_rs % VEC == 0 &&
-                       reinterpret_cast<std::uintptr_t>(w) % (VEC * sizeof(TW)) == 0 &&
-                       (p.m + kRowsPerBlock - 1) / kRowsPerBlock <= 65535;
+                       reinterpret_cast<std::uintptr_t>(w) % (VEC * sizeof(TW)) == 0;
   if (aligned && p.r <= 16) {
     if (p.r == 1) return launch_rows<TW, 1>(w, u, v, p, stream);
     if (p.r <= 2) return launch_rows<TW, 2>(w, u, v, p, stream);

@@ -237,9 +237,10 @@ void run_lora_case(std::int64_t tokens, std::int64_t in, std::int64_t out, std::
   // CPU reference on the widened inputs.
   const auto xf = widen(x), wf = widen(w), af = widen(a), bf = widen(b);
   std::vector<float> ref(static_cast<std::size_t>(tokens * out));
-  const auto w_view = w_col_major ? lowrank::weight(Eigen::Map<const Eigen::MatrixXf>(wf.data(), in, out), lowrank::Layout::in_out)
-                                  : lowrank::WeightView<const float>{lowrank::row_major<const float>(wf.data(), out, in),
-                                                                     lowrank::Layout::out_in};
+  // Column-major W: element (o, i) at o + i * out (the in x out layout in memory).
+  const auto w_view = lowrank::WeightView<const float>{
+      w_col_major ? lowrank::col_major<const float>(wf.data(), out, in) : lowrank::row_major<const float>(wf.data(), out, in),
+      lowrank::Layout::out_in};
   lowrank::lora_forward<float>(lowrank::row_major<const float>(xf.data(), tokens, in), w_view,
                                lowrank::row_major<const float>(af.data(), r, in),
                                lowrank::row_major<const float>(bf.data(), out, r), scale,
@@ -252,7 +253,7 @@ void run_lora_case(std::int64_t tokens, std::int64_t in, std::int64_t out, std::
   check(cudaMemset(yd.p, 0xFF, ref.size() * sizeof(T)), "poison Y");  // NaN in fp32 and bf16
   const std::size_t ws_bytes = lowrank::cuda::lora_forward_workspace_bytes(tokens, r);
   Buffer<unsigned char> ws(ws_bytes);
-  const DeviceMatrix<const T> wv = w_col_major ? lowrank::cuda::device_col_major<const T>(wd.p, out, in, in)
+  const DeviceMatrix<const T> wv = w_col_major ? lowrank::cuda::device_col_major<const T>(wd.p, out, in)
                                                : lowrank::cuda::device_row_major<const T>(wd.p, out, in);
   lowrank::cuda::lora_forward<T>(lowrank::cuda::device_row_major<const T>(xd.p, tokens, in), wv,
                                  lowrank::cuda::device_row_major<const T>(ad.p, r, in),
@@ -284,9 +285,13 @@ TEST(CudaLoraForward, Bf16MatchesCpu) {
   run_lora_case<bf16>(16, 130, 67, 3, false, 12);
   run_lora_case<bf16>(67, 258, 129, 16, true, 13);
   run_lora_case<bf16>(300, 512, 300, 8, false, 14);
-  run_lora_case<bf16>(16, 264, 77, 16, false, 15, 16);
-  run_lora_case<bf16>(7, 1000, 45, 5, false, 16);
-  run_lora_case<bf16>(1, 96, 77, 16, false, 17, 0);
+  run_lora_case<bf16>(16, 264, 77, 16, false, 15, 16);  // in % 32 != 0: cuBLAS above 4 tokens
+  run_lora_case<bf16>(3, 264, 45, 5, false, 16);        // FMA one-pass kernel
+  run_lora_case<bf16>(1, 96, 77, 16, false, 17, 0);     // cuBLAS path for one token
+  run_lora_case<bf16>(5, 256, 77, 3, false, 18);        // tensor-core kernel, one n-tile
+  run_lora_case<bf16>(16, 512, 50, 16, false, 19);      // tensor-core kernel, two n-tiles
+  run_lora_case<bf16>(12, 1024, 129, 7, false, 20);
+  run_lora_case<bf16>(9, 2080, 33, 0, false, 21);       // no adapter; chunk count not a multiple of 64
 }
 
 TEST(CudaLoraForward, BadArgumentsThrow) {

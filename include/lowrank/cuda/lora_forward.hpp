@@ -13,15 +13,16 @@ LOWRANK_BEGIN_NAMESPACE
 
 namespace cuda {
 
-/// Up to this many tokens `lora_forward` runs the one-pass kernel (W read once, low-rank term
-/// added before the single rounding); from the next, three cuBLAS products.
-inline constexpr std::int64_t lora_forward_gemv_tokens = 8;
+/// Up to this many tokens `lora_forward` runs a one-pass kernel (W read once, low-rank term added
+/// before the single rounding): for bf16 with `in` a multiple of 32, a tensor-core kernel (sm_80+);
+/// otherwise an FMA kernel, used up to 4 tokens only. Above, three cuBLAS products.
+inline constexpr std::int64_t lora_forward_gemv_tokens = 16;
 
 /// Options of the device `lora_forward`.
 struct DeviceLoraOptions {
-  /// Largest token count for the one-pass kernel (at most 16; 0 disables it). The kernel also needs
-  /// unit column strides for X, W and Y, 16-byte aligned rows of X and W, and `in` a multiple of 8;
-  /// otherwise the cuBLAS path runs.
+  /// Largest token count for the one-pass kernels (at most 16, 4 for the FMA kernel; 0 disables
+  /// them). They also need unit column strides for X, W and Y, 16-byte aligned rows of X and W,
+  /// `in` a multiple of 8 and r <= 64; otherwise the cuBLAS path runs.
   std::int64_t gemv_max_tokens = lora_forward_gemv_tokens;
 };
 
