@@ -34,9 +34,11 @@ MemberRange member_range(int rank, int size, std::int64_t population, std::int64
   if (population < 0) detail::fail("member_range", "population is {} (must be >= 0)", population);
   if (align < 1) detail::fail("member_range", "align is {} (must be >= 1)", align);
   const std::int64_t blocks = population / align + (population % align != 0 ? 1 : 0);
-  const std::int64_t base = blocks / size, extra = blocks % size;
-  const std::int64_t first = rank * base + std::min<std::int64_t>(rank, extra);
-  const std::int64_t count = base + (rank < extra ? 1 : 0);
+  // The last `extra` ranks take one block more: the last rank also holds the short block, so
+  // slice sizes differ by at most `align`.
+  const std::int64_t base = blocks / size, extra = blocks % size, first_extra = size - extra;
+  const std::int64_t first = rank * base + std::max<std::int64_t>(0, rank - first_extra);
+  const std::int64_t count = base + (rank >= first_extra ? 1 : 0);
   return {std::min(first * align, population), std::min((first + count) * align, population)};
 }
 

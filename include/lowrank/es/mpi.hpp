@@ -39,10 +39,11 @@ struct MemberRange {
 
 /// Rank `rank`'s slice of a population of `population` members split over `size` ranks:
 /// contiguous, disjoint, in rank order, covering `[0, population)`. The population is cut into
-/// `ceil(population / align)` blocks of `align` members (the last may be shorter); the first
-/// `blocks % size` ranks get one block more than the others. `align = 2` keeps antithetic pairs
-/// (`Antithetic::interleaved`) on one rank, so a pair's noise is generated once. Ranks beyond the
-/// number of blocks get an empty slice.
+/// `ceil(population / align)` blocks of `align` members (the last may be shorter); the last
+/// `blocks % size` ranks get one block more than the others; as the short block is the last
+/// rank's, slice sizes differ by at most `align`. `align = 2` keeps antithetic
+/// pairs (`Antithetic::interleaved`) on one rank, so a pair's noise is generated once. With fewer
+/// blocks than ranks, the first `size - blocks` ranks get an empty slice.
 /// \throws Error if `size < 1`, `rank` is outside `[0, size)`, `population < 0` or `align < 1`.
 [[nodiscard]] MemberRange member_range(int rank, int size, std::int64_t population, std::int64_t align = 1);
 
