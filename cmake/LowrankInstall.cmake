@@ -22,6 +22,17 @@ install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/lowrank" DESTINATION ${CMAKE_IN
 
 install(EXPORT lowrank-targets NAMESPACE lowrank:: DESTINATION ${LOWRANK_INSTALL_CMAKEDIR})
 export(EXPORT lowrank-targets NAMESPACE lowrank:: FILE "${PROJECT_BINARY_DIR}/lowrank-targets.cmake")
+# lowrank::mpi has its own export set: the package config loads it only when MPI is found, so a
+# consumer without MPI can still use the rest of an MPI-enabled install.
+if(LOWRANK_ENABLE_MPI)
+  install(TARGETS lowrank_mpi EXPORT lowrank-mpi-targets
+    ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
+    LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
+    RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR}
+    INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+  install(EXPORT lowrank-mpi-targets NAMESPACE lowrank:: DESTINATION ${LOWRANK_INSTALL_CMAKEDIR})
+  export(EXPORT lowrank-mpi-targets NAMESPACE lowrank:: FILE "${PROJECT_BINARY_DIR}/lowrank-mpi-targets.cmake")
+endif()
 
 configure_package_config_file("${PROJECT_SOURCE_DIR}/cmake/lowrank-config.cmake.in"
   "${PROJECT_BINARY_DIR}/lowrank-config.cmake"

@@ -3,7 +3,17 @@
 # Debian's packages only; installs nothing that is already there. Run as root, or with sudo.
 #   scripts/setup-debian.sh            build + tests + examples + benchmarks
 #   scripts/setup-debian.sh PKG...     the same plus these packages (e.g. the fuzzers' clang)
+#   scripts/setup-debian.sh mpi        the same plus OpenMPI (LOWRANK_ENABLE_MPI; the dev preset)
 set -euo pipefail
+
+# Optional groups named on the command line; other arguments are package names.
+extra=()
+for arg in "$@"; do
+  case "$arg" in
+    mpi) extra+=(openmpi-bin libopenmpi-dev) ;;  # lowrank::mpi and its mpirun test
+    *) extra+=("$arg") ;;
+  esac
+done
 
 packages=(
   g++ cmake ninja-build pkg-config   # toolchain (CMake >= 3.25)
@@ -12,7 +22,7 @@ packages=(
   libgtest-dev libgmock-dev          # tests
   libbenchmark-dev libopenblas-dev   # benchmarks and their OpenBLAS baseline
   python3                            # scripts/bench_ratios.py
-  "$@"
+  "${extra[@]}"
 )
 
 missing=()
