@@ -11,6 +11,7 @@
 // be detected). Exit status 0 only if everything holds on every rank.
 //
 // Plain main (no GoogleTest): one process per rank, one verdict reduced over the ranks.
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -18,6 +19,7 @@
 #include <cstring>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
