@@ -340,6 +340,7 @@ void lora_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, DeviceMatrix
     l.tokens = tokens, l.in = in, l.out = out, l.r = r;
     l.scale = static_cast<float>(scale);
     l.mma = use_mma;
+    l.a_rows = r <= 16 && (r == 0 || rows_aligned(A));
     check_cuda(fn, static_cast<cudaError_t>(launch_lora_small(l, stream)), "kernel launch");
     return;
   }

@@ -16,8 +16,7 @@ LOWRANK_BEGIN_NAMESPACE
 namespace cuda::detail {
 namespace {
 
-// 128 threads: about 8 blocks per multiprocessor for N = 2048, in one wave.
-constexpr int kThreads = 128;
+constexpr int kThreads = 256;
 constexpr int kMaxRank = 16;
 
 __device__ __forceinline__ float load(const float* p, std::int64_t i) { return p[i]; }
@@ -82,18 +81,36 @@ __global__ void __launch_bounds__(kThreads) eggroll_term(const T* __restrict__ x
   for (std::uint64_t blk = threadIdx.x; blk < b_blocks; blk += kThreads) {
     float z[4];
     es::noise_normals4(p.key, index, static_cast<std::uint32_t>(blk), z);
+    // (j, c) of the block's first element, then advanced element by element (no division per
+    // element; R == 1 means r == 1).
+    const std::uint64_t e0 = blk * 4;
+    std::int64_t j;
+    int c;
+    if constexpr (R == 1) {
+      j = static_cast<std::int64_t>(e0);
+      c = 0;
+    } else if ((e0 >> 32) == 0) {
+      j = static_cast<std::uint32_t>(e0) / static_cast<std::uint32_t>(r);
+      c = static_cast<int>(static_cast<std::uint32_t>(e0) % static_cast<std::uint32_t>(r));
+    } else {
+      j = static_cast<std::int64_t>(e0 / static_cast<std::uint64_t>(r));
+      c = static_cast<int>(e0 % static_cast<std::uint64_t>(r));
+    }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const std::uint64_t e = blk * 4 + q;
-      if (e >= b_elems) break;
-      const std::int64_t j = static_cast<std::int64_t>(e / static_cast<std::uint64_t>(r));
-      const int c = static_cast<int>(e % static_cast<std::uint64_t>(r));
+      if (e0 + q >= b_elems) break;
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         const float xv = load(x, row[m] * p.x_rs + j * p.x_cs);
 #pragma unroll
         for (int cc = 0; cc < R; ++cc)
           if (cc == c) t[m][cc] = __fmaf_rn(xv, z[q], t[m][cc]);
+      }
+      if constexpr (R == 1) {
+        ++j;
+      } else if (++c == r) {
+        c = 0;
+        ++j;
       }
     }
   }
@@ -119,6 +136,7 @@ __global__ void __launch_bounds__(kThreads) eggroll_term(const T* __restrict__ x
     const std::int64_t o_end = o0 + 4 < p.out ? o0 + 4 : p.out;
     const std::uint64_t e_first = a0 + static_cast<std::uint64_t>(o0) * r;
     const std::uint64_t e_last = a0 + static_cast<std::uint64_t>(o_end) * r;  // exclusive
+    int oo = 0, c = 0;  // output (relative to o0) and rank index of element e, e = e_first, ...
     for (std::uint64_t blk = e_first / 4; blk * 4 < e_last; ++blk) {
       float z[4];
       es::noise_normals4(p.key, index, static_cast<std::uint32_t>(blk), z);
@@ -126,9 +144,6 @@ __global__ void __launch_bounds__(kThreads) eggroll_term(const T* __restrict__ x
       for (int q = 0; q < 4; ++q) {
         const std::uint64_t e = blk * 4 + q;
         if (e < e_first || e >= e_last) continue;
-        const std::uint64_t rel = e - a0;
-        const int oo = static_cast<int>(rel / static_cast<std::uint64_t>(r) - static_cast<std::uint64_t>(o0));
-        const int c = static_cast<int>(rel % static_cast<std::uint64_t>(r));
 #pragma unroll
         for (int m = 0; m < M; ++m) {
           float tc = 0.0f;
@@ -138,6 +153,12 @@ __global__ void __launch_bounds__(kThreads) eggroll_term(const T* __restrict__ x
 #pragma unroll
           for (int qq = 0; qq < 4; ++qq)
             if (qq == oo) acc[m][qq] = __fmaf_rn(tc, z[q], acc[m][qq]);
+        }
+        if constexpr (R == 1) {
+          ++oo;
+        } else if (++c == r) {
+          c = 0;
+          ++oo;
         }
       }
     }

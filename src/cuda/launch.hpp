@@ -70,7 +70,8 @@ struct LoraSmallLaunch {
   float* t;  // workspace: tokens x r fp32
   std::int64_t tokens, in, out, r;
   float scale;
-  bool mma;  // bf16 tensor-core kernel (in a multiple of 32, sm_80+); else the FMA kernel
+  bool mma;     // bf16 tensor-core kernel (in a multiple of 32, sm_80+); else the FMA kernel
+  bool a_rows;  // A row-major with 16-byte aligned rows and r <= 16: T by the one-block-per-token kernel
 };
 int launch_lora_small(const LoraSmallLaunch& p, cudaStream_t stream);
 

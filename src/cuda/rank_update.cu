@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "launch.hpp"
 #include "lowrank/core/philox.hpp"
@@ -156,44 +157,64 @@ __global__ void rank_update_generic(TW* __restrict__ w, const float* __restrict_
 constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = 64;
 
-template <class TW>
-struct Vec;
-template <>
-struct Vec<float> {
-  static constexpr int n = 4;
-  using Load = float4;
-};
-template <>
-struct Vec<Bf16s> {
-  static constexpr int n = 4;
-  using Load = uint2;
-};
-template <>
-struct Vec<F16s> {
-  static constexpr int n = 4;
-  using Load = uint2;
+// VEC elements of TW as one load: 16 bytes (fp32 x 4, 16-bit x 8) or 8 bytes (16-bit x 4).
+template <class TW, int VEC>
+struct Vec {
+  static constexpr int words = VEC * static_cast<int>(sizeof(TW)) / 4;
+  using Load = std::conditional_t<words == 4, uint4, uint2>;
 };
 
-template <class TW>
-__device__ __forceinline__ void unpack(const typename Vec<TW>::Load& in, float (&out)[4]) {
-  if constexpr (sizeof(TW) == 4) {
-    out[0] = in.x, out[1] = in.y, out[2] = in.z, out[3] = in.w;
+template <class TW, int VEC>
+__device__ __forceinline__ void unpack(const typename Vec<TW, VEC>::Load& in, float (&out)[VEC]) {
+  std::uint32_t w[Vec<TW, VEC>::words];
+  if constexpr (Vec<TW, VEC>::words == 4) {
+    w[0] = in.x, w[1] = in.y, w[2] = in.z, w[3] = in.w;
   } else {
-    out[0] = to_f32(TW{static_cast<std::uint16_t>(in.x & 0xFFFFu)});
-    out[1] = to_f32(TW{static_cast<std::uint16_t>(in.x >> 16)});
-    out[2] = to_f32(TW{static_cast<std::uint16_t>(in.y & 0xFFFFu)});
-    out[3] = to_f32(TW{static_cast<std::uint16_t>(in.y >> 16)});
+    w[0] = in.x, w[1] = in.y;
   }
+  if constexpr (sizeof(TW) == 4) {
+#pragma unroll
+    for (int c = 0; c < VEC; ++c) out[c] = __uint_as_float(w[c]);
+  } else {
+#pragma unroll
+    for (int q = 0; q < VEC / 2; ++q) {
+      out[2 * q] = to_f32(TW{static_cast<std::uint16_t>(w[q] & 0xFFFFu)});
+      out[2 * q + 1] = to_f32(TW{static_cast<std::uint16_t>(w[q] >> 16)});
+    }
+  }
+}
+
+template <class TW, int VEC>
+__device__ __forceinline__ typename Vec<TW, VEC>::Load pack(const float (&v)[VEC]) {
+  std::uint32_t w[Vec<TW, VEC>::words];
+  if constexpr (sizeof(TW) == 4) {
+#pragma unroll
+    for (int c = 0; c < VEC; ++c) w[c] = __float_as_uint(v[c]);
+  } else {
+#pragma unroll
+    for (int q = 0; q < VEC / 2; ++q) {
+      TW lo, hi;
+      store(lo, v[2 * q], false, 0u);
+      store(hi, v[2 * q + 1], false, 0u);
+      w[q] = static_cast<std::uint32_t>(lo.bits) | (static_cast<std::uint32_t>(hi.bits) << 16);
+    }
+  }
+  typename Vec<TW, VEC>::Load out;
+  if constexpr (Vec<TW, VEC>::words == 4) {
+    out.x = w[0], out.y = w[1], out.z = w[2], out.w = w[3];
+  } else {
+    out.x = w[0], out.y = w[1];
+  }
+  return out;
 }
 
 // Grid: x over column strips of kThreads * VEC columns, y over row chunks (each block loops over
 // chunks blockIdx.y, blockIdx.y + gridDim.y, ...): V is loaded into registers once per block and
 // reused for all its rows; alpha U of each chunk is staged in shared memory.
-template <class TW, int RMAX, int UNROLL, bool SR>
+template <class TW, int VEC, int RMAX, int UNROLL, bool SR>
 __global__ void __launch_bounds__(kThreads, 2) rank_update_rows(TW* __restrict__ w, const float* __restrict__ u,
                                                                 const float* __restrict__ v, Params p) {
-  constexpr int VEC = Vec<TW>::n;
-  using Load = typename Vec<TW>::Load;
+  using Load = typename Vec<TW, VEC>::Load;
   __shared__ float au[kRowsPerBlock][RMAX];
   const int r = p.r;
   const std::int64_t j = (static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
@@ -218,59 +239,44 @@ __global__ void __launch_bounds__(kThreads, 2) rank_update_rows(TW* __restrict__
     __syncthreads();
     if (j >= p.n) continue;
     for (int ii = 0; ii < rows; ii += UNROLL) {
-      float acc[UNROLL][VEC];
+      // All UNROLL rows' loads in flight first; then each row is widened, updated and stored.
+      Load raw[UNROLL];
       if (full) {
-        Load raw[UNROLL];
 #pragma unroll
         for (int q = 0; q < UNROLL; ++q)
           if (ii + q < rows) raw[q] = *reinterpret_cast<const Load*>(w + (i0 + ii + q) * p.w_rs + j);
-#pragma unroll
-        for (int q = 0; q < UNROLL; ++q)
-          if (ii + q < rows) unpack<TW>(raw[q], acc[q]);
-      } else {
-#pragma unroll
-        for (int q = 0; q < UNROLL; ++q)
-#pragma unroll
-          for (int c = 0; c < VEC; ++c)
-            acc[q][c] = (ii + q < rows && j + c < p.n) ? to_f32(w[(i0 + ii + q) * p.w_rs + j + c]) : 0.0f;
-      }
-#pragma unroll
-      for (int q = 0; q < UNROLL; ++q) {
-#pragma unroll
-        for (int k = 0; k < RMAX; ++k) {
-          if (k < r) {
-            const float a = au[(ii + q) & (kRowsPerBlock - 1)][k];
-#pragma unroll
-            for (int c = 0; c < VEC; ++c) acc[q][c] = __fmaf_rn(a, vr[c][k], acc[q][c]);
-          }
-        }
       }
 #pragma unroll
       for (int q = 0; q < UNROLL; ++q) {
         if (ii + q >= rows) continue;
         const std::int64_t i = i0 + ii + q;
         TW* row = w + i * p.w_rs;
+        float acc[VEC];
+        if (full) {
+          unpack<TW, VEC>(raw[q], acc);
+        } else {
+#pragma unroll
+          for (int c = 0; c < VEC; ++c) acc[c] = j + c < p.n ? to_f32(row[j + c]) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < RMAX; ++k) {
+          if (k < r) {
+            const float a = au[ii + q][k];
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) acc[c] = __fmaf_rn(a, vr[c][k], acc[c]);
+          }
+        }
         if constexpr (SR) {
           RoundingBits bits = make_bits(p);
 #pragma unroll
           for (int c = 0; c < VEC; ++c)
-            if (j + c < p.n) store(row[j + c], acc[q][c], true, bits(i, j + c));
+            if (j + c < p.n) store(row[j + c], acc[c], true, bits(i, j + c));
         } else if (full) {
-          if constexpr (sizeof(TW) == 4) {
-            *reinterpret_cast<float4*>(row + j) = make_float4(acc[q][0], acc[q][1], acc[q][2], acc[q][3]);
-          } else {
-            TW h[VEC];
-#pragma unroll
-            for (int c = 0; c < VEC; ++c) store(h[c], acc[q][c], false, 0u);
-            uint2 packed;
-            packed.x = static_cast<std::uint32_t>(h[0].bits) | (static_cast<std::uint32_t>(h[1].bits) << 16);
-            packed.y = static_cast<std::uint32_t>(h[2].bits) | (static_cast<std::uint32_t>(h[3].bits) << 16);
-            *reinterpret_cast<uint2*>(row + j) = packed;
-          }
+          *reinterpret_cast<Load*>(row + j) = pack<TW, VEC>(acc);
         } else {
 #pragma unroll
           for (int c = 0; c < VEC; ++c)
-            if (j + c < p.n) store(row[j + c], acc[q][c], false, 0u);
+            if (j + c < p.n) store(row[j + c], acc[c], false, 0u);
         }
       }
     }
@@ -279,8 +285,9 @@ __global__ void __launch_bounds__(kThreads, 2) rank_update_rows(TW* __restrict__
 
 template <class TW, int RMAX>
 cudaError_t launch_rows(TW* w, const float* u, const float* v, const Params& p, cudaStream_t stream) {
-  constexpr int VEC = Vec<TW>::n;
-  constexpr int UNROLL = RMAX > 4 ? 4 : 8;
+  // 16-byte accesses except for 16-bit storage at rank > 2 (8 bytes: V's registers are VEC x RMAX).
+  constexpr int VEC = sizeof(TW) == 2 && RMAX <= 2 ? 8 : 4;
+  constexpr int UNROLL = RMAX > 4 ? (sizeof(TW) == 2 ? 8 : 4) : VEC * sizeof(TW) == 16 ? 8 : 16;
   const std::int64_t col_blocks = (p.n + static_cast<std::int64_t>(kThreads) * VEC - 1) / (kThreads * VEC);
   const std::int64_t chunks = (p.m + kRowsPerBlock - 1) / kRowsPerBlock;
   if (col_blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
@@ -302,19 +309,21 @@ cudaError_t launch_rows(TW* w, const float* u, const float* v, const Params& p, 
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(row_blocks));
   if (p.stochastic) {
     if constexpr (sizeof(TW) == 2) {
-      rank_update_rows<TW, RMAX, UNROLL, true><<<grid, kThreads, 0, stream>>>(w, u, v, p);
+      rank_update_rows<TW, VEC, RMAX, UNROLL, true><<<grid, kThreads, 0, stream>>>(w, u, v, p);
       return cudaGetLastError();
     }
   }
-  rank_update_rows<TW, RMAX, UNROLL, false><<<grid, kThreads, 0, stream>>>(w, u, v, p);
+  rank_update_rows<TW, VEC, RMAX, UNROLL, false><<<grid, kThreads, 0, stream>>>(w, u, v, p);
   return cudaGetLastError();
 }
 
 template <class TW>
 cudaError_t dispatch(TW* w, const float* u, const float* v, const Params& p, cudaStream_t stream) {
-  constexpr int VEC = Vec<TW>::n;
-  const bool aligned = p.w_cs == 1 && p.w_rs % VEC == 0 &&
-                       reinterpret_cast<std::uintptr_t>(w) % (VEC * sizeof(TW)) == 0;
+  // The fast kernels need rows aligned to their access width (16 bytes; 8 for 16-bit storage at
+  // rank > 2).
+  const int vec = sizeof(TW) == 2 && p.r <= 2 ? 8 : 4;
+  const bool aligned = p.w_cs == 1 && p.w_rs % vec == 0 &&
+                       reinterpret_cast<std::uintptr_t>(w) % (vec * sizeof(TW)) == 0;
   if (aligned && p.r <= 16) {
     if (p.r == 1) return launch_rows<TW, 1>(w, u, v, p, stream);
     if (p.r <= 2) return launch_rows<TW, 2>(w, u, v, p, stream);

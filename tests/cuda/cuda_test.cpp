@@ -146,6 +146,10 @@ const RankCase kRankCases[] = {
     {37, 53, 3, false, 0, 0},     {64, 1027, 16, false, 4, 0}, {130, 2050, 1, false, 0, 0},
     {70, 515, 7, false, 8, 1},    {33, 17, 20, false, 0, 0},   {45, 91, 5, true, 3, 0},
     {1, 300, 2, false, 0, 0},     {129, 1, 4, false, 0, 0},    {200, 4100, 16, false, 0, 0},
+    // Aligned rows (the bandwidth kernels): 16-byte rows for every type, tails, uneven row chunks.
+    {100, 1000, 1, false, 0, 0},  {67, 2056, 2, false, 8, 0},  {130, 520, 16, false, 0, 0},
+    {64, 4096, 8, false, 0, 0},   {300, 2048, 3, false, 0, 0}, {66, 1032, 1, false, 16, 0},
+    {40, 264, 2, true, 0, 0},
 };
 
 TEST(CudaRankUpdate, Fp32MatchesCpu) {
