@@ -34,6 +34,18 @@ if(LOWRANK_ENABLE_MPI)
   export(EXPORT lowrank-mpi-targets NAMESPACE lowrank:: FILE "${PROJECT_BINARY_DIR}/lowrank-mpi-targets.cmake")
 endif()
 
+# lowrank::cuda likewise (LOWRANK_ENABLE_CUDA): loaded by the package config when the consumer
+# finds the CUDA toolkit (its static library links cudart and cuBLAS).
+if(LOWRANK_ENABLE_CUDA)
+  install(TARGETS lowrank_cuda EXPORT lowrank-cuda-targets
+    ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
+    LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
+    RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR}
+    INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+  install(EXPORT lowrank-cuda-targets NAMESPACE lowrank:: DESTINATION ${LOWRANK_INSTALL_CMAKEDIR})
+  export(EXPORT lowrank-cuda-targets NAMESPACE lowrank:: FILE "${PROJECT_BINARY_DIR}/lowrank-cuda-targets.cmake")
+endif()
+
 configure_package_config_file("${PROJECT_SOURCE_DIR}/cmake/lowrank-config.cmake.in"
   "${PROJECT_BINARY_DIR}/lowrank-config.cmake"
   INSTALL_DESTINATION ${LOWRANK_INSTALL_CMAKEDIR})
