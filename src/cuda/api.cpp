@@ -345,6 +345,22 @@ void lora_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, DeviceMatrix
     return;
   }
   cublasHandle_t h = handle_for(fn, stream);
+  // Medium batches: the low-rank term by one kernel (T in fp32, A and B read once per two tokens),
+  // then the base GEMM adds onto it.
+  if (tokens <= lora_forward_term_tokens && r >= 1 && r <= 16 && in % 8 == 0 && rows_aligned(X) &&
+      rows_aligned(A) && Y.col_stride == 1) {
+    LoraSmallLaunch l{};
+    l.dtype = dtype_of<T>();
+    l.x = X.data, l.ldx = X.row_stride;
+    l.a = A.data, l.a_rs = A.row_stride, l.a_cs = A.col_stride;
+    l.b = B.data, l.b_rs = B.row_stride, l.b_cs = B.col_stride;
+    l.y = Y.data, l.ldy = Y.rows > 1 ? Y.row_stride : Y.cols;
+    l.tokens = tokens, l.in = in, l.out = out, l.r = r;
+    l.scale = static_cast<float>(scale);
+    check_cuda(fn, static_cast<cudaError_t>(launch_lora_term(l, stream)), "kernel launch");
+    gemm<T>(fn, h, X, W.transposed(), Y, 1.0f, 1.0f);
+    return;
+  }
   if (r > 0 && in > 0) {
     gemm<T>(fn, h, X, A.transposed(), t, static_cast<float>(scale), 0.0f);  // T = s X A^T
     gemm<T>(fn, h, t, B.transposed(), Y, 1.0f, 0.0f);                        // Y = T B^T

@@ -74,6 +74,9 @@ struct LoraSmallLaunch {
   bool a_rows;  // A row-major with 16-byte aligned rows and r <= 16: T by the one-block-per-token kernel
 };
 int launch_lora_small(const LoraSmallLaunch& p, cudaStream_t stream);
+// Y = s (X A^T) B^T alone, for a medium batch (the fields of LoraSmallLaunch; X, A row-major with
+// aligned rows, in % 8 == 0, 1 <= r <= 16; `t` unused), before cuBLAS adds X W^T.
+int launch_lora_term(const LoraSmallLaunch& p, cudaStream_t stream);
 
 int launch_noise_factors(const es::NoiseKey& key, std::uint32_t index, float* a, std::int64_t out, std::int64_t a_rs,
                          std::int64_t a_cs, float* b, std::int64_t in, std::int64_t b_rs, std::int64_t b_cs,

@@ -96,6 +96,81 @@ __global__ void __launch_bounds__(256) lora_t_rows_kernel(const T* __restrict__ 
   }
 }
 
+// The low-rank term alone for a medium batch: Y = s (X A^T) B^T, TPB tokens per block (A and B
+// are read once per block), T kept in fp32 in shared memory, Y rounded once. cuBLAS then adds
+// X W^T with beta = 1. Needs X and A row-major with 16-byte aligned rows, `in % 8 == 0`, r <= 16.
+template <class T, int TPB>
+__global__ void __launch_bounds__(256) lora_term_kernel(const T* __restrict__ x, std::int64_t ldx,
+                                                        const T* __restrict__ a, std::int64_t lda,
+                                                        const T* __restrict__ b, std::int64_t b_rs, std::int64_t b_cs,
+                                                        T* __restrict__ y, std::int64_t ldy, std::int64_t tokens,
+                                                        std::int64_t in, std::int64_t out, int r, float scale) {
+  constexpr int kMaxR = 16;
+  __shared__ float part[8][TPB][kMaxR];
+  __shared__ float ts[TPB][kMaxR];
+  const std::int64_t t0 = static_cast<std::int64_t>(blockIdx.x) * TPB;
+  float acc[TPB][kMaxR];
+#pragma unroll
+  for (int tt = 0; tt < TPB; ++tt)
+#pragma unroll
+    for (int c = 0; c < kMaxR; ++c) acc[tt][c] = 0.0f;
+  for (std::int64_t i = static_cast<std::int64_t>(threadIdx.x) * 8; i < in; i += 256 * 8) {
+    float xv[TPB][8];
+#pragma unroll
+    for (int tt = 0; tt < TPB; ++tt) {
+      if (t0 + tt < tokens) {
+        load8(x + (t0 + tt) * ldx + i, xv[tt]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xv[tt][e] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kMaxR; ++c) {
+      if (c < r) {
+        float av[8];
+        load8(a + c * lda + i, av);
+#pragma unroll
+        for (int tt = 0; tt < TPB; ++tt)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[tt][c] = __fmaf_rn(xv[tt][e], av[e], acc[tt][c]);
+      }
+    }
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int tt = 0; tt < TPB; ++tt)
+#pragma unroll
+    for (int c = 0; c < kMaxR; ++c) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[tt][c] += __shfl_xor_sync(0xFFFFFFFFu, acc[tt][c], o);
+      if (lane == 0) part[warp][tt][c] = acc[tt][c];
+    }
+  __syncthreads();
+  if (threadIdx.x < TPB * kMaxR) {
+    const int tt = threadIdx.x / kMaxR, c = threadIdx.x % kMaxR;
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) v += part[w][tt][c];
+    ts[tt][c] = scale * v;
+  }
+  __syncthreads();
+  for (std::int64_t o = threadIdx.x; o < out; o += 256) {
+    float bv[kMaxR];
+#pragma unroll
+    for (int c = 0; c < kMaxR; ++c) bv[c] = c < r ? ld(b, o * b_rs + c * b_cs) : 0.0f;
+#pragma unroll
+    for (int tt = 0; tt < TPB; ++tt) {
+      if (t0 + tt >= tokens) continue;
+      float v = 0.0f;
+#pragma unroll
+      for (int c = 0; c < kMaxR; ++c)
+        if (c < r) v = __fmaf_rn(ts[tt][c], bv[c], v);
+      st(y, (t0 + tt) * ldy + o, v);
+    }
+  }
+}
+
 template <class T, int NT>
 __global__ void __launch_bounds__(256) lora_gemv_kernel(const T* __restrict__ x, std::int64_t ldx,
                                                         const T* __restrict__ w, std::int64_t ldw,
@@ -338,6 +413,23 @@ cudaError_t launch_small(const LoraSmallLaunch& l, cudaStream_t stream) {
 }
 
 }  // namespace
+
+int launch_lora_term(const LoraSmallLaunch& l, cudaStream_t stream) {
+  if (l.r < 1 || l.r > 16) return cudaErrorInvalidValue;
+  constexpr int kTpb = 2;
+  const unsigned blocks = static_cast<unsigned>((l.tokens + kTpb - 1) / kTpb);
+  if (l.dtype == Dtype::f32) {
+    lora_term_kernel<float, kTpb><<<blocks, 256, 0, stream>>>(
+        static_cast<const float*>(l.x), l.ldx, static_cast<const float*>(l.a), l.a_rs, static_cast<const float*>(l.b),
+        l.b_rs, l.b_cs, static_cast<float*>(l.y), l.ldy, l.tokens, l.in, l.out, static_cast<int>(l.r), l.scale);
+  } else {
+    lora_term_kernel<__nv_bfloat16, kTpb><<<blocks, 256, 0, stream>>>(
+        static_cast<const __nv_bfloat16*>(l.x), l.ldx, static_cast<const __nv_bfloat16*>(l.a), l.a_rs,
+        static_cast<const __nv_bfloat16*>(l.b), l.b_rs, l.b_cs, static_cast<__nv_bfloat16*>(l.y), l.ldy, l.tokens,
+        l.in, l.out, static_cast<int>(l.r), l.scale);
+  }
+  return cudaGetLastError();
+}
 
 int launch_lora_small(const LoraSmallLaunch& l, cudaStream_t stream) {
   if (l.tokens < 1 || l.tokens > kMaxTokens || l.r > 64) return cudaErrorInvalidValue;

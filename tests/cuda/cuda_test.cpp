@@ -281,6 +281,8 @@ TEST(CudaLoraForward, Fp32MatchesCpu) {
   run_lora_case<float>(3, 1000, 45, 5, false, 6);       // one-pass kernel, loop remainder
   run_lora_case<float>(1, 96, 77, 16, false, 7, 0);     // cuBLAS path for one token
   run_lora_case<float>(2, 64, 31, 0, false, 8);         // one-pass kernel without adapter
+  run_lora_case<float>(41, 512, 96, 16, false, 9);      // term kernel + cuBLAS, odd token count
+  run_lora_case<float>(600, 64, 40, 2, false, 10);      // above lora_forward_term_tokens: cuBLAS only
 }
 
 TEST(CudaLoraForward, Bf16MatchesCpu) {

@@ -18,6 +18,10 @@ namespace cuda {
 /// otherwise an FMA kernel, used up to 4 tokens only. Above, three cuBLAS products.
 inline constexpr std::int64_t lora_forward_gemv_tokens = 16;
 
+/// Up to this many tokens (above the one-pass kernels) the low-rank term is one kernel (T in fp32,
+/// A and B read once per two tokens) before cuBLAS adds X W^T; from the next, three cuBLAS products.
+inline constexpr std::int64_t lora_forward_term_tokens = 512;
+
 /// Options of the device `lora_forward`.
 struct DeviceLoraOptions {
   /// Largest token count for the one-pass kernels (at most 16, 4 for the FMA kernel; 0 disables
@@ -50,6 +54,9 @@ struct DeviceLoraOptions {
 /// - up to `options.gemv_max_tokens` tokens (one-pass kernel): `T = s X A^T` in fp32, then each
 ///   output is one fp32 sum of the `in` products followed by the `r` products `T(t, c) B(o, c)`,
 ///   rounded once into Y;
+/// - up to `lora_forward_term_tokens` tokens (X and A row-major with 16-byte aligned rows, `in` a
+///   multiple of 8, 1 <= r <= 16, Y row-major): `T = s X A^T` in fp32, `Y = T B^T` rounded into
+///   Y by one kernel, then `Y = X W^T + Y` (cuBLAS, beta = 1);
 /// - otherwise (cuBLAS): `T = s X A^T` rounded to the storage type, `Y = T B^T` rounded into Y,
 ///   then `Y = X W^T + Y` (cuBLAS, beta = 1).
 /// So bf16 results agree with the CPU's fp32 forward of the same (widened) inputs to bf16
