@@ -102,8 +102,12 @@ void normals_avx2(const es::NoiseKey& key, std::uint32_t index, std::uint32_t fi
   const __m256i c1 = _mm256_set1_epi32(static_cast<int>(index));
   const __m256i c2 = _mm256_set1_epi32(static_cast<int>(key.epoch));
   const __m256i c3 = _mm256_set1_epi32(static_cast<int>(key.layer));
-  std::uint64_t b = 0;
-  for (; b + 8 <= blocks; b += 8) {
+  // The last partial group of eight blocks goes through a stack buffer (the extra counters are
+  // computed and dropped), so that this TU calls no inline function of the headers: one compiled
+  // with AVX2 flags could be picked by the linker for other callers (see kernel_api.hpp).
+  alignas(32) float tail[32];
+  for (std::uint64_t b = 0; b < blocks; b += 8) {
+    const bool full = b + 8 <= blocks;
     const __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_block + static_cast<std::uint32_t>(b))), lane);
     __m256i w[4];
     philox8(c0, c1, c2, c3, k0, k1, w);
@@ -117,13 +121,19 @@ void normals_avx2(const es::NoiseKey& key, std::uint32_t index, std::uint32_t fi
     const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
     const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
     const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-    float* o = out + 4 * b;
+    float* o = full ? out + 4 * b : tail;
     _mm256_storeu_ps(o, _mm256_permute2f128_ps(u0, u1, 0x20));
     _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
     _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
     _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+    if (!full) {
+      for (std::uint64_t q = 0; q < 4 * (blocks - b); ++q) out[4 * b + q] = tail[q];
+    }
   }
-  for (; b < blocks; ++b) es::noise_normals4(key, index, static_cast<std::uint32_t>(first_block + b), out + 4 * b);
+}
+
+inline float fma1(float a, float b, float c) {
+  return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
 }
 
 // Horizontal sum of the eight lanes in a fixed order.
@@ -144,13 +154,13 @@ void row_term_avx2(const float* x, const float* bt, const float* at, std::ptrdif
       acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
     }
     float dot = hsum8(_mm256_add_ps(acc0, acc1));
-    for (; i < in; ++i) dot = std::fma(x[i], b[i], dot);
+    for (; i < in; ++i) dot = fma1(x[i], b[i], dot);
     const float c = scale * dot;
     const __m256 cv = _mm256_set1_ps(c);
     const float* a = at + j * out;
     std::ptrdiff_t o = 0;
     for (; o + 8 <= out; o += 8) _mm256_storeu_ps(y + o, _mm256_fmadd_ps(cv, _mm256_loadu_ps(a + o), _mm256_loadu_ps(y + o)));
-    for (; o < out; ++o) y[o] = std::fma(c, a[o], y[o]);
+    for (; o < out; ++o) y[o] = fma1(c, a[o], y[o]);
   }
 }
 
