@@ -412,17 +412,24 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
     const auto cnt = static_cast<std::int64_t>(std::min<std::size_t>(static_cast<std::size_t>(per), active.size() - c0));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && cnt > 1)
     for (std::int64_t q = 0; q < cnt; ++q) {
-      ThreadBuffers& tb = tls_buffers;
       const std::uint32_t index = active[c0 + static_cast<std::size_t>(q)];
-      const float *bt = nullptr, *at = nullptr;
-      factors_transposed(kern, p.key, index, out, in, r, tb, bt, at);
       const auto a = static_cast<float>(coef * w[index]);
-      for (int j = 0; j < r; ++j) {
-        float* u = U.data() + (static_cast<std::size_t>(q) * r + j) * out;
-        const float* src = at + static_cast<std::size_t>(j) * out;
-        for (Index i = 0; i < out; ++i) u[i] = a * src[i];
-        std::memcpy(V.data() + (static_cast<std::size_t>(q) * r + j) * in, bt + static_cast<std::size_t>(j) * in,
-                    sizeof(float) * static_cast<std::size_t>(in));
+      float* u = U.data() + static_cast<std::size_t>(q) * r * static_cast<std::size_t>(out);
+      float* v = V.data() + static_cast<std::size_t>(q) * r * static_cast<std::size_t>(in);
+      const std::size_t n_b = static_cast<std::size_t>(in) * r;
+      if (r == 1) {  // the stream is B then A: straight into V's and U's columns
+        fill_normals(kern, p.key, index, 0, static_cast<std::uint64_t>(in), v);
+        fill_normals(kern, p.key, index, static_cast<std::uint64_t>(in), static_cast<std::uint64_t>(out), u);
+        for (Index i = 0; i < out; ++i) u[i] = a * u[i];
+      } else {  // row-major factors: scatter their columns
+        float* st = grow(tls_buffers.stream, n_b + static_cast<std::size_t>(out) * r);
+        fill_normals(kern, p.key, index, 0, n_b + static_cast<std::uint64_t>(out) * r, st);
+        for (Index i = 0; i < in; ++i)
+          for (int j = 0; j < r; ++j) v[static_cast<std::size_t>(j) * in + i] = st[static_cast<std::size_t>(i) * r + j];
+        for (Index i = 0; i < out; ++i)
+          for (int j = 0; j < r; ++j) {
+            u[static_cast<std::size_t>(j) * out + i] = a * st[n_b + static_cast<std::size_t>(i) * r + j];
+          }
       }
     }
     const Index cols = static_cast<Index>(cnt) * r;
