@@ -21,6 +21,13 @@ struct EsKernels {
   // x, y contiguous; bt is r x in, at is r x out (row-major, contiguous).
   void (*row_term)(const float* x, const float* bt, const float* at, std::ptrdiff_t in, std::ptrdiff_t out, int r,
                    float scale, float* y);
+  // Only the scalar target (nullptr elsewhere): rows [row0, row0 + rows) of G (element (i, j) at
+  // g[i * rs + j * cs]) += U V^T with U column-major (out x k, ld out) and V column-major (in x k,
+  // ld in), each element as acc = G(i, j); for p in 0..k-1: acc = fma(U(i, p), V(j, p), acc) with
+  // correctly rounded fused multiply-adds: bitwise what rank_update's SIMD targets compute.
+  void (*update_fused)(float* g, std::ptrdiff_t rs, std::ptrdiff_t cs, const float* u, const float* v,
+                       std::ptrdiff_t row0, std::ptrdiff_t rows, std::ptrdiff_t out, std::ptrdiff_t in,
+                       std::ptrdiff_t k);
 };
 
 extern const EsKernels es_kernels_scalar;

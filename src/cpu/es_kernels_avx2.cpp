@@ -166,7 +166,7 @@ void row_term_avx2(const float* x, const float* bt, const float* at, std::ptrdif
 
 }  // namespace
 
-const EsKernels es_kernels_avx2{normals_avx2, row_term_avx2};
+const EsKernels es_kernels_avx2{normals_avx2, row_term_avx2, nullptr};
 
 }  // namespace detail
 LOWRANK_END_NAMESPACE

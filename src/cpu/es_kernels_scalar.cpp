@@ -1,5 +1,9 @@
 // Portable ES kernels: the noise through the header's scalar code, the row term with separate
-// roundings (this file is compiled with -ffp-contract=off, as the other scalar bodies).
+// roundings (this file is compiled with -ffp-contract=off, as the other scalar bodies), and the
+// update accumulation with explicit fused multiply-adds, so that the EGGROLL update is bitwise the
+// SIMD targets' (std::fma is a library call where the build has no FMA instructions: slow, exact).
+#include <cmath>
+
 #include "es_kernels_api.hpp"
 
 LOWRANK_BEGIN_NAMESPACE
@@ -25,9 +29,21 @@ void row_term_scalar(const float* x, const float* bt, const float* at, std::ptrd
   }
 }
 
+void update_fused_scalar(float* g, std::ptrdiff_t rs, std::ptrdiff_t cs, const float* u, const float* v,
+                         std::ptrdiff_t row0, std::ptrdiff_t rows, std::ptrdiff_t out, std::ptrdiff_t in,
+                         std::ptrdiff_t k) {
+  for (std::ptrdiff_t i = row0; i < row0 + rows; ++i) {
+    for (std::ptrdiff_t j = 0; j < in; ++j) {
+      float acc = g[i * rs + j * cs];
+      for (std::ptrdiff_t p = 0; p < k; ++p) acc = std::fma(u[p * out + i], v[p * in + j], acc);
+      g[i * rs + j * cs] = acc;
+    }
+  }
+}
+
 }  // namespace
 
-const EsKernels es_kernels_scalar{normals_scalar, row_term_scalar};
+const EsKernels es_kernels_scalar{normals_scalar, row_term_scalar, update_fused_scalar};
 
 }  // namespace detail
 LOWRANK_END_NAMESPACE

@@ -433,10 +433,22 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
       }
     }
     const Index cols = static_cast<Index>(cnt) * r;
-    RankUpdateOptions ru;
-    ru.max_threads = options.max_threads;
-    rank_update(G, MatrixView<const float>(U.data(), out, cols, 1, out), MatrixView<const float>(V.data(), in, cols, 1, in),
-                1.0, ru);
+    if (kern.update_fused != nullptr) {
+      // Scalar target: the same fused multiply-adds in the same order as rank_update's SIMD
+      // targets, so the update is bitwise the same on every target.
+      const Index block = 16;
+      const Index blocks = (out + block - 1) / block;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+      for (Index bi = 0; bi < blocks; ++bi) {
+        kern.update_fused(G.data, G.row_stride, G.col_stride, U.data(), V.data(), bi * block,
+                          std::min(block, out - bi * block), out, in, cols);
+      }
+    } else {
+      RankUpdateOptions ru;
+      ru.max_threads = options.max_threads;
+      rank_update(G, MatrixView<const float>(U.data(), out, cols, 1, out),
+                  MatrixView<const float>(V.data(), in, cols, 1, in), 1.0, ru);
+    }
   }
 }
 

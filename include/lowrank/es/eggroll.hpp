@@ -161,9 +161,9 @@ struct AggregateOptions {
 /// `G += [a_1 A_1 | ... ] [B_1 | ... ]^T` with `a_k = fl(c w_k / sqrt(r))` (lowrank's
 /// `rank_update`, fp32 accumulation). Noise indices with `w_k == 0` are skipped.
 ///
-/// Determinism: bitwise independent of the thread count, and identical on the SIMD targets
-/// (avx2, avx2_128, avx512: the same fused multiply-adds in the same order); the portable scalar
-/// target rounds products separately and agrees to rounding.
+/// Determinism: bitwise independent of the thread count and identical on every target: the SIMD
+/// targets' rank update adds the products in order with fused multiply-adds, and the scalar target
+/// does the same with `std::fma` (a library call, so slow, on x86 builds without FMA instructions).
 /// \throws Error (G unchanged) on `fitness.size() != N`, non-finite fitness or c, bad perturbation
 ///   parameters, or a G that is not `out x in` for the given shape.
 void aggregate_update(const Perturbation& p, std::span<const double> fitness, double c, MatrixView<float> G,
@@ -240,7 +240,7 @@ struct ParamRef {
 ///
 /// Determinism: the same seed, configuration and fitness values give bitwise the same parameters on
 /// any thread count, on any evaluation order or split of the population (the fitness vector is
-/// indexed by global member id), and on every SIMD target (see `aggregate_update`).
+/// indexed by global member id), and on every target (see `aggregate_update`).
 class Population {
  public:
   /// \throws Error on an invalid configuration or parameter list (names the offending field).
