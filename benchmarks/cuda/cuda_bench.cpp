@@ -160,7 +160,7 @@ void bench_rank_update(const char* type, std::int64_t d) {
 
 template <class T>
 void bench_lora(const char* type, std::int64_t d, std::int64_t r, std::int64_t tokens,
-                std::int64_t gemv_max_tokens = lc::lora_forward_gemv_tokens, const char* suffix = "") {
+                const lc::DeviceLoraOptions& options = {}, const char* suffix = "") {
   constexpr int sets = 3;
   T *x[sets], *w[sets], *a[sets], *b[sets], *y[sets];
   for (int s = 0; s < sets; ++s) {
@@ -187,7 +187,7 @@ void bench_lora(const char* type, std::int64_t d, std::int64_t r, std::int64_t t
     lc::lora_forward<T>(lc::device_row_major<const T>(x[s], tokens, d), lc::device_row_major<const T>(w[s], d, d),
                         lc::device_row_major<const T>(a[s], r, d), lc::device_row_major<const T>(b[s], d, r), 2.0,
                         lc::device_row_major(y[s], tokens, d), ws, ws_bytes, g_stream,
-                        lc::DeviceLoraOptions{gemv_max_tokens});
+                        options);
   }, batch);
   record(std::string("lora_forward ") + type + " d=" + std::to_string(d) + " r=" + std::to_string(r) +
              " tokens=" + std::to_string(tokens) + suffix,
@@ -204,7 +204,7 @@ void bench_lora(const char* type, std::int64_t d, std::int64_t r, std::int64_t t
       lc::lora_forward<T>(lc::device_row_major<const T>(x[s], tokens, d), lc::device_row_major<const T>(w[s], d, d),
                           lc::device_row_major<const T>(a[s], r, d), lc::device_row_major<const T>(b[s], d, r), 2.0,
                           lc::device_row_major(y[s], tokens, d), ws, ws_bytes, g_stream,
-                          lc::DeviceLoraOptions{gemv_max_tokens});
+                          options);
     }, batch, 15, false);
     record(std::string("lora_forward ") + type + " tokens=1 (stream, no graph)", fused_direct, base_direct,
            "cuBLAS base (no graph)", fused_direct / base_direct, "time over base GEMM");
@@ -278,9 +278,14 @@ int main(int argc, char** argv) {
   bench_rank_update<float>("fp32", big);
   bench_rank_update<bf16>("bf16", big);
   for (std::int64_t tokens : {1, 16, 256, 4096}) bench_lora<bf16>("bf16", 4096, 16, tokens);
-  bench_lora<bf16>("bf16", 4096, 16, 1, 0, " (term kernel + cuBLAS)");
-  bench_lora<bf16>("bf16", 4096, 16, 16, 0, " (term kernel + cuBLAS)");
-  bench_lora<bf16>("bf16", 4096, 16, 8, 8, " (one-pass)");
+  {
+    lc::DeviceLoraOptions one_pass;
+    one_pass.bf16_one_pass_max_tokens = 16;
+    lc::DeviceLoraOptions term;
+    term.term_max_tokens = 512;
+    for (std::int64_t tokens : {1, 16}) bench_lora<bf16>("bf16", 4096, 16, tokens, one_pass, " (one-pass mma)");
+    bench_lora<bf16>("bf16", 4096, 16, 256, term, " (term kernel)");
+  }
   for (std::int64_t tokens : {1, 256}) bench_lora<float>("fp32", 4096, 16, tokens);
   bench_eggroll<bf16>("bf16", 4096, 2048, 1);
   bench_eggroll<bf16>("bf16", 4096, 2048, 4);

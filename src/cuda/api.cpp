@@ -328,7 +328,10 @@ void lora_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, DeviceMatrix
   const bool one_pass_layout = in % 8 == 0 && in > 0 && r <= 64 && rows_aligned(X) && rows_aligned(W) &&
                                (Y.col_stride == 1 || Y.cols == 1);
   const bool use_mma = std::same_as<T, bf16> && in % 32 == 0 && device_major(fn) >= 8;
-  if (one_pass_layout && tokens <= std::min<std::int64_t>(options.gemv_max_tokens, use_mma ? 16 : 4)) {
+  const std::int64_t one_pass_max = std::same_as<T, float> ? std::min<std::int64_t>(options.fp32_one_pass_max_tokens, 4)
+                                                            : std::min<std::int64_t>(options.bf16_one_pass_max_tokens,
+                                                                                     use_mma ? 16 : 4);
+  if (one_pass_layout && tokens <= one_pass_max) {
     LoraSmallLaunch l{};
     l.dtype = dtype_of<T>();
     l.x = X.data, l.ldx = X.row_stride;
@@ -347,7 +350,7 @@ void lora_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, DeviceMatrix
   cublasHandle_t h = handle_for(fn, stream);
   // Medium batches: the low-rank term by one kernel (T in fp32, A and B read once per two tokens),
   // then the base GEMM adds onto it.
-  if (tokens <= lora_forward_term_tokens && r >= 1 && r <= 16 && in % 8 == 0 && rows_aligned(X) &&
+  if (tokens <= options.term_max_tokens && r >= 1 && r <= 16 && in % 8 == 0 && rows_aligned(X) &&
       rows_aligned(A) && Y.col_stride == 1) {
     LoraSmallLaunch l{};
     l.dtype = dtype_of<T>();

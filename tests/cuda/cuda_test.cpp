@@ -231,7 +231,7 @@ std::vector<float> widen(const std::vector<T>& v) {
 
 template <class T>
 void run_lora_case(std::int64_t tokens, std::int64_t in, std::int64_t out, std::int64_t r, bool w_col_major,
-                   std::uint64_t seed, std::int64_t gemv_max_tokens = lowrank::cuda::lora_forward_gemv_tokens) {
+                   std::uint64_t seed, const lowrank::cuda::DeviceLoraOptions& options = {}) {
   std::mt19937_64 rng(seed);
   const auto x = random_vector<T>(static_cast<std::size_t>(tokens * in), rng);
   const auto w = random_vector<T>(static_cast<std::size_t>(out * in), rng, 0.05f);
@@ -263,41 +263,63 @@ void run_lora_case(std::int64_t tokens, std::int64_t in, std::int64_t out, std::
                                  lowrank::cuda::device_row_major<const T>(ad.p, r, in),
                                  lowrank::cuda::device_row_major<const T>(bd.p, out, r), scale,
                                  lowrank::cuda::device_row_major<T>(yd.p, tokens, out), ws.p, ws_bytes, nullptr,
-                                 lowrank::cuda::DeviceLoraOptions{gemv_max_tokens});
+                                 options);
   check(cudaDeviceSynchronize(), "lora_forward");
   const double err = rel_error(yd.download(), ref);
   const double tol = std::is_same_v<T, float> ? 1e-5 : 1.5e-2;
   EXPECT_LT(err, tol) << "tokens=" << tokens << " in=" << in << " out=" << out << " r=" << r
-                      << " gemv_max_tokens=" << gemv_max_tokens;
+                      << " options=" << options.fp32_one_pass_max_tokens << "/" << options.bf16_one_pass_max_tokens
+                      << "/" << options.term_max_tokens;
+}
+
+// Kernel choices: the default paths, then each optional kernel forced on.
+lowrank::cuda::DeviceLoraOptions one_pass(std::int64_t tokens) {
+  lowrank::cuda::DeviceLoraOptions o;
+  o.fp32_one_pass_max_tokens = tokens;
+  o.bf16_one_pass_max_tokens = tokens;
+  return o;
+}
+lowrank::cuda::DeviceLoraOptions cublas_only() {
+  lowrank::cuda::DeviceLoraOptions o;
+  o.fp32_one_pass_max_tokens = 0;
+  o.bf16_one_pass_max_tokens = 0;
+  o.term_max_tokens = 0;
+  return o;
+}
+lowrank::cuda::DeviceLoraOptions term(std::int64_t tokens) {
+  lowrank::cuda::DeviceLoraOptions o = cublas_only();
+  o.term_max_tokens = tokens;
+  return o;
 }
 
 TEST(CudaLoraForward, Fp32MatchesCpu) {
   REQUIRE_GPU();
-  run_lora_case<float>(1, 96, 77, 16, false, 1);
-  run_lora_case<float>(5, 130, 67, 3, false, 2);
-  run_lora_case<float>(67, 257, 129, 16, true, 3);
-  run_lora_case<float>(33, 64, 50, 0, false, 4);
-  run_lora_case<float>(16, 264, 77, 16, false, 5, 16);  // one-pass kernel, 16 tokens
-  run_lora_case<float>(3, 1000, 45, 5, false, 6);       // one-pass kernel, loop remainder
-  run_lora_case<float>(1, 96, 77, 16, false, 7, 0);     // cuBLAS path for one token
-  run_lora_case<float>(2, 64, 31, 0, false, 8);         // one-pass kernel without adapter
-  run_lora_case<float>(41, 512, 96, 16, false, 9);      // term kernel + cuBLAS, odd token count
-  run_lora_case<float>(600, 64, 40, 2, false, 10);      // above lora_forward_term_tokens: cuBLAS only
+  run_lora_case<float>(1, 96, 77, 16, false, 1);       // default: one-pass FMA kernel
+  run_lora_case<float>(5, 130, 67, 3, false, 2);       // cuBLAS
+  run_lora_case<float>(67, 257, 129, 16, true, 3);     // cuBLAS, column-major W
+  run_lora_case<float>(33, 64, 50, 0, false, 4);       // no adapter
+  run_lora_case<float>(16, 264, 77, 16, false, 5, term(512));
+  run_lora_case<float>(3, 1000, 45, 5, false, 6);      // one-pass, loop remainder
+  run_lora_case<float>(1, 96, 77, 16, false, 7, cublas_only());
+  run_lora_case<float>(2, 64, 31, 0, false, 8);        // one-pass without adapter
+  run_lora_case<float>(41, 512, 96, 16, false, 9, term(512));  // term kernel, odd token count
+  run_lora_case<float>(600, 64, 40, 2, false, 10, term(512));  // above the term limit: cuBLAS
 }
 
 TEST(CudaLoraForward, Bf16MatchesCpu) {
   REQUIRE_GPU();
-  run_lora_case<bf16>(1, 96, 77, 16, false, 11);
+  run_lora_case<bf16>(1, 96, 77, 16, false, 11);                 // default: cuBLAS
   run_lora_case<bf16>(16, 130, 67, 3, false, 12);
   run_lora_case<bf16>(67, 258, 129, 16, true, 13);
-  run_lora_case<bf16>(300, 512, 300, 8, false, 14);
-  run_lora_case<bf16>(16, 264, 77, 16, false, 15, 16);  // in % 32 != 0: cuBLAS above 4 tokens
-  run_lora_case<bf16>(3, 264, 45, 5, false, 16);        // FMA one-pass kernel
-  run_lora_case<bf16>(1, 96, 77, 16, false, 17, 0);     // cuBLAS path for one token
-  run_lora_case<bf16>(5, 256, 77, 3, false, 18);        // tensor-core kernel, one n-tile
-  run_lora_case<bf16>(16, 512, 50, 16, false, 19);      // tensor-core kernel, two n-tiles
-  run_lora_case<bf16>(12, 1024, 129, 7, false, 20);
-  run_lora_case<bf16>(9, 2080, 33, 0, false, 21);       // no adapter; chunk count not a multiple of 64
+  run_lora_case<bf16>(300, 512, 300, 8, false, 14, term(512));   // term kernel
+  run_lora_case<bf16>(16, 264, 77, 16, false, 15, one_pass(16)); // in % 32 != 0: FMA only to 4 tokens
+  run_lora_case<bf16>(3, 264, 45, 5, false, 16, one_pass(16));   // FMA one-pass kernel
+  run_lora_case<bf16>(1, 96, 77, 16, false, 17, one_pass(16));   // tensor-core kernel
+  run_lora_case<bf16>(5, 256, 77, 3, false, 18, one_pass(16));   // tensor-core kernel, one n-tile
+  run_lora_case<bf16>(16, 512, 50, 16, false, 19, one_pass(16)); // two n-tiles
+  run_lora_case<bf16>(12, 1024, 129, 7, false, 20, one_pass(16));
+  run_lora_case<bf16>(9, 2080, 33, 0, false, 21, one_pass(16));  // no adapter; 65 chunks
+  run_lora_case<bf16>(1, 96, 77, 16, false, 22, term(512));
 }
 
 TEST(CudaLoraForward, BadArgumentsThrow) {

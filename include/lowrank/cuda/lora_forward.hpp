@@ -13,21 +13,21 @@ LOWRANK_BEGIN_NAMESPACE
 
 namespace cuda {
 
-/// Up to this many tokens `lora_forward` runs a one-pass kernel (W read once, low-rank term added
-/// before the single rounding): for bf16 with `in` a multiple of 32, a tensor-core kernel (sm_80+);
-/// otherwise an FMA kernel, used up to 4 tokens only. Above, three cuBLAS products.
-inline constexpr std::int64_t lora_forward_gemv_tokens = 16;
-
-/// Up to this many tokens (above the one-pass kernels) the low-rank term is one kernel (T in fp32,
-/// A and B read once per two tokens) before cuBLAS adds X W^T; from the next, three cuBLAS products.
-inline constexpr std::int64_t lora_forward_term_tokens = 512;
-
-/// Options of the device `lora_forward`.
+/// Which kernels the device `lora_forward` may use. The defaults are what measured fastest on an
+/// H200 (2026-11-27, docs/performance.md): cuBLAS for bf16 at every token count, the FMA one-pass
+/// kernel for fp32 up to 4 tokens. The other paths are kept, tested and selectable.
 struct DeviceLoraOptions {
-  /// Largest token count for the one-pass kernels (at most 16, 4 for the FMA kernel; 0 disables
-  /// them). They also need unit column strides for X, W and Y, 16-byte aligned rows of X and W,
-  /// `in` a multiple of 8 and r <= 64; otherwise the cuBLAS path runs.
-  std::int64_t gemv_max_tokens = lora_forward_gemv_tokens;
+  /// fp32: up to this many tokens (at most 4; 0 disables it) a one-pass FMA kernel reads W once
+  /// and adds the low-rank term before the single rounding.
+  std::int64_t fp32_one_pass_max_tokens = 4;
+  /// bf16: up to this many tokens (at most 16; 0 disables it) a one-pass kernel: on tensor cores
+  /// (mma.sync, sm_80+) when `in` is a multiple of 32, else the FMA kernel (at most 4 tokens).
+  /// Off by default: 1.9-2.1x the base GEMV on an H200 against 1.6-1.7x for the cuBLAS path.
+  std::int64_t bf16_one_pass_max_tokens = 0;
+  /// Up to this many tokens (and above the one-pass kernels) the low-rank term `Y = s (X A^T) B^T`
+  /// is one kernel (T in fp32) before cuBLAS adds X W^T. Off by default: slower than the three
+  /// cuBLAS products on an H200 (2.8x against 1.6x the base GEMM at 256 tokens).
+  std::int64_t term_max_tokens = 0;
 };
 
 /// Bytes of device workspace `lora_forward` needs for `tokens` tokens and rank `rank` (the
@@ -51,12 +51,14 @@ struct DeviceLoraOptions {
 ///
 /// Every matrix must have unit stride along one of its two dimensions (cuBLAS leading-dimension
 /// layouts). Arithmetic, fp32 accumulation throughout:
-/// - up to `options.gemv_max_tokens` tokens (one-pass kernel): `T = s X A^T` in fp32, then each
-///   output is one fp32 sum of the `in` products followed by the `r` products `T(t, c) B(o, c)`,
-///   rounded once into Y;
-/// - up to `lora_forward_term_tokens` tokens (X and A row-major with 16-byte aligned rows, `in` a
-///   multiple of 8, 1 <= r <= 16, Y row-major): `T = s X A^T` in fp32, `Y = T B^T` rounded into
-///   Y by one kernel, then `Y = X W^T + Y` (cuBLAS, beta = 1);
+/// - one-pass kernels (see `DeviceLoraOptions`; they need unit column strides for X, W and Y,
+///   16-byte aligned rows of X and W, `in` a multiple of 8 and r <= 64): `T = s X A^T` in fp32
+///   (a small kernel; on sm_90 the main kernel is its programmatic dependent launch and streams W
+///   meanwhile), then each output is one fp32 sum of the `in` products followed by the `r`
+///   products `T(t, c) B(o, c)`, rounded once into Y;
+/// - the term kernel (`DeviceLoraOptions::term_max_tokens`; X and A row-major with 16-byte aligned
+///   rows, `in` a multiple of 8, 1 <= r <= 16, Y row-major): `T = s X A^T` in fp32, `Y = T B^T`
+///   rounded into Y by one kernel, then `Y = X W^T + Y` (cuBLAS, beta = 1);
 /// - otherwise (cuBLAS): `T = s X A^T` rounded to the storage type, `Y = T B^T` rounded into Y,
 ///   then `Y = X W^T + Y` (cuBLAS, beta = 1).
 /// So bf16 results agree with the CPU's fp32 forward of the same (widened) inputs to bf16
