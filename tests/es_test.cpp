@@ -422,7 +422,7 @@ std::vector<double> update_ref(const Perturbation& p, const std::vector<double>&
 TEST(EsUpdate, EqualsTheExplicitSumOfFitnessTimesPerturbation) {
   const Index out = 23, in = 17;
   for (Antithetic a : {Antithetic::interleaved, Antithetic::halves, Antithetic::none})
-    for (int r : {1, 3}) {
+    for (int r : {1, 3, 4}) {
       const Perturbation p = make_p(r, 12, a);
       std::vector<double> f(12);
       for (int i = 0; i < 12; ++i) f[i] = std::sin(1.7 * i) + 0.3;

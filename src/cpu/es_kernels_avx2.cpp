@@ -10,38 +10,42 @@ LOWRANK_BEGIN_NAMESPACE
 namespace detail {
 namespace {
 
-// hi and lo halves of the 32 x 32 -> 64-bit products of each lane of x with the constant m.
-inline void mulhilo8(__m256i x, __m256i m, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(x, m);                         // lanes 0, 2, 4, 6 as 64-bit
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);   // lanes 1, 3, 5, 7
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-}
-
-// Philox4x32-10 of the counters (c0 + lane, c1, c2, c3) under key (k0, k1), as four vectors of words.
-inline void philox8(__m256i c0, __m256i c1, __m256i c2, __m256i c3, std::uint32_t k0, std::uint32_t k1,
-                    __m256i out[4]) {
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+// Philox4x32-10 of the counters (c0 + lane, c1, c2, c3), lane = 0..7, under key (k0, k1); out[w]
+// holds word w of the eight blocks. The state is kept as two vectors per word, the even blocks
+// and the odd blocks each in the low 32 bits of a 64-bit lane, because _mm256_mul_epu32 reads
+// exactly those: a round is then two multiplies, two shifts and four xors per parity, with no
+// shuffles (the high halves carry garbage that nothing reads).
+inline void philox8(std::uint32_t c0, std::uint32_t c1, std::uint32_t c2, std::uint32_t c3, std::uint32_t k0,
+                    std::uint32_t k1, __m256i out[4]) {
+  const __m256i m0 = _mm256_set1_epi64x(0xD2511F53);
+  const __m256i m1 = _mm256_set1_epi64x(0xCD9E8D57);
+  const __m256i base = _mm256_set1_epi64x(c0);
+  __m256i x0[2] = {_mm256_add_epi64(base, _mm256_setr_epi64x(0, 2, 4, 6)),
+                   _mm256_add_epi64(base, _mm256_setr_epi64x(1, 3, 5, 7))};
+  __m256i x1[2] = {_mm256_set1_epi32(static_cast<int>(c1)), _mm256_set1_epi32(static_cast<int>(c1))};
+  __m256i x2[2] = {_mm256_set1_epi32(static_cast<int>(c2)), _mm256_set1_epi32(static_cast<int>(c2))};
+  __m256i x3[2] = {_mm256_set1_epi32(static_cast<int>(c3)), _mm256_set1_epi32(static_cast<int>(c3))};
   for (int round = 0; round < 10; ++round) {
-    if (round > 0) {
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0));
+    const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1));
+    for (int p = 0; p < 2; ++p) {
+      const __m256i p0 = _mm256_mul_epu32(x0[p], m0);  // low: lo0, high: hi0
+      const __m256i p1 = _mm256_mul_epu32(x2[p], m1);  // low: lo1, high: hi1
+      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), x1[p]), key0);
+      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), x3[p]), key1);
+      x0[p] = n0;
+      x1[p] = p1;
+      x2[p] = n2;
+      x3[p] = p0;
     }
-    __m256i hi0, lo0, hi1, lo1;
-    mulhilo8(c0, m0, hi0, lo0);
-    mulhilo8(c2, m1, hi1, lo1);
-    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
   }
-  out[0] = c0;
-  out[1] = c1;
-  out[2] = c2;
-  out[3] = c3;
+  // Interleave: lane 2i from the even vector, lane 2i + 1 from the odd one.
+  out[0] = _mm256_blend_epi32(x0[0], _mm256_slli_epi64(x0[1], 32), 0xAA);
+  out[1] = _mm256_blend_epi32(x1[0], _mm256_slli_epi64(x1[1], 32), 0xAA);
+  out[2] = _mm256_blend_epi32(x2[0], _mm256_slli_epi64(x2[1], 32), 0xAA);
+  out[3] = _mm256_blend_epi32(x3[0], _mm256_slli_epi64(x3[1], 32), 0xAA);
 }
 
 // normal_pair (core/philox.hpp) on eight word pairs.
@@ -84,8 +88,7 @@ inline void normal_pair8(__m256i w0, __m256i w1, __m256& c_out, __m256& s_out) {
   const __m256 cos_t = _mm256_fmadd_ps(pc, t2, one);
   // Quadrant: odd q swaps sine and cosine; the cosine branch is negated for q = 1, 2, the sine
   // branch for q = 2, 3 (sign-bit flips, exactly the scalar code's negations).
-  const __m256 odd = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(q, _mm256_set1_epi32(1)),
-                                                            _mm256_set1_epi32(1)));
+  const __m256 odd = _mm256_castsi256_ps(_mm256_slli_epi32(q, 31));  // blendv reads the sign bit
   const __m256 a = _mm256_blendv_ps(cos_t, sin_t, odd);
   const __m256 b = _mm256_blendv_ps(sin_t, cos_t, odd);
   const __m256i neg_c = _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(q, _mm256_set1_epi32(1)),
@@ -98,19 +101,14 @@ inline void normal_pair8(__m256i w0, __m256i w1, __m256& c_out, __m256& s_out) {
 void normals_avx2(const es::NoiseKey& key, std::uint32_t index, std::uint32_t first_block, std::uint64_t blocks,
                   float* out) {
   const std::uint32_t k0 = static_cast<std::uint32_t>(key.seed), k1 = static_cast<std::uint32_t>(key.seed >> 32);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i c1 = _mm256_set1_epi32(static_cast<int>(index));
-  const __m256i c2 = _mm256_set1_epi32(static_cast<int>(key.epoch));
-  const __m256i c3 = _mm256_set1_epi32(static_cast<int>(key.layer));
   // The last partial group of eight blocks goes through a stack buffer (the extra counters are
   // computed and dropped), so that this TU calls no inline function of the headers: one compiled
   // with AVX2 flags could be picked by the linker for other callers (see kernel_api.hpp).
   alignas(32) float tail[32];
   for (std::uint64_t b = 0; b < blocks; b += 8) {
     const bool full = b + 8 <= blocks;
-    const __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_block + static_cast<std::uint32_t>(b))), lane);
     __m256i w[4];
-    philox8(c0, c1, c2, c3, k0, k1, w);
+    philox8(first_block + static_cast<std::uint32_t>(b), index, key.epoch, key.layer, k0, k1, w);
     __m256 c01, s01, c23, s23;
     normal_pair8(w[0], w[1], c01, s01);
     normal_pair8(w[2], w[3], c23, s23);
@@ -134,6 +132,34 @@ void normals_avx2(const es::NoiseKey& key, std::uint32_t index, std::uint32_t fi
 
 inline float fma1(float a, float b, float c) {
   return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
+}
+
+// Rank 4: block i of the stream is row i of the factor (elements 4 i .. 4 i + 3), so the four
+// vectors of normal_pair8 over eight blocks are already four columns of eight rows.
+void rows4_t(const es::NoiseKey& key, std::uint32_t index, std::uint32_t first_block, std::ptrdiff_t rows, float* t,
+             std::ptrdiff_t ld) {
+  const std::uint32_t k0 = static_cast<std::uint32_t>(key.seed), k1 = static_cast<std::uint32_t>(key.seed >> 32);
+  alignas(32) float tail[4][8];
+  for (std::ptrdiff_t i = 0; i < rows; i += 8) {
+    __m256i w[4];
+    philox8(first_block + static_cast<std::uint32_t>(i), index, key.epoch, key.layer, k0, k1, w);
+    __m256 col[4];
+    normal_pair8(w[0], w[1], col[0], col[1]);
+    normal_pair8(w[2], w[3], col[2], col[3]);
+    if (i + 8 <= rows) {
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(t + j * ld + i, col[j]);
+    } else {
+      for (int j = 0; j < 4; ++j) _mm256_store_ps(tail[j], col[j]);
+      for (int j = 0; j < 4; ++j)
+        for (std::ptrdiff_t q = 0; q < rows - i; ++q) t[j * ld + i + q] = tail[j][q];
+    }
+  }
+}
+
+void factors_t4_avx2(const es::NoiseKey& key, std::uint32_t index, std::ptrdiff_t in, std::ptrdiff_t out, float* bt,
+                     float* at) {
+  rows4_t(key, index, 0, in, bt, in);
+  rows4_t(key, index, static_cast<std::uint32_t>(in), out, at, out);
 }
 
 // Horizontal sum of the eight lanes in a fixed order.
@@ -166,7 +192,7 @@ void row_term_avx2(const float* x, const float* bt, const float* at, std::ptrdif
 
 }  // namespace
 
-const EsKernels es_kernels_avx2{normals_avx2, row_term_avx2, nullptr};
+const EsKernels es_kernels_avx2{normals_avx2, row_term_avx2, factors_t4_avx2, nullptr};
 
 }  // namespace detail
 LOWRANK_END_NAMESPACE

@@ -29,6 +29,19 @@ void row_term_scalar(const float* x, const float* bt, const float* at, std::ptrd
   }
 }
 
+void factors_t4_scalar(const es::NoiseKey& key, std::uint32_t index, std::ptrdiff_t in, std::ptrdiff_t out,
+                       float* bt, float* at) {
+  float z[4];
+  for (std::ptrdiff_t i = 0; i < in; ++i) {
+    es::noise_normals4(key, index, static_cast<std::uint32_t>(i), z);
+    for (int j = 0; j < 4; ++j) bt[j * in + i] = z[j];
+  }
+  for (std::ptrdiff_t i = 0; i < out; ++i) {
+    es::noise_normals4(key, index, static_cast<std::uint32_t>(in + i), z);
+    for (int j = 0; j < 4; ++j) at[j * out + i] = z[j];
+  }
+}
+
 void update_fused_scalar(float* g, std::ptrdiff_t rs, std::ptrdiff_t cs, const float* u, const float* v,
                          std::ptrdiff_t row0, std::ptrdiff_t rows, std::ptrdiff_t out, std::ptrdiff_t in,
                          std::ptrdiff_t k) {
@@ -43,7 +56,7 @@ void update_fused_scalar(float* g, std::ptrdiff_t rs, std::ptrdiff_t cs, const f
 
 }  // namespace
 
-const EsKernels es_kernels_scalar{normals_scalar, row_term_scalar, update_fused_scalar};
+const EsKernels es_kernels_scalar{normals_scalar, row_term_scalar, factors_t4_scalar, update_fused_scalar};
 
 }  // namespace detail
 LOWRANK_END_NAMESPACE

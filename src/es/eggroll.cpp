@@ -96,6 +96,14 @@ thread_local ThreadBuffers tls_buffers;
 void factors_transposed(const detail::EsKernels& k, const NoiseKey& key, std::uint32_t index, Index out, Index in,
                         int r, ThreadBuffers& tb, const float*& bt, const float*& at) {
   const std::size_t n_b = static_cast<std::size_t>(in) * r, n_a = static_cast<std::size_t>(out) * r;
+  if (r == 4) {  // generated transposed directly
+    float* b = grow(tb.bt, n_b);
+    float* a = grow(tb.at, n_a);
+    k.factors_t4(key, index, in, out, b, a);
+    bt = b;
+    at = a;
+    return;
+  }
   float* s = grow(tb.stream, n_b + n_a);
   fill_normals(k, key, index, 0, n_b + n_a, s);
   if (r == 1) {
@@ -421,6 +429,9 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
         fill_normals(kern, p.key, index, 0, static_cast<std::uint64_t>(in), v);
         fill_normals(kern, p.key, index, static_cast<std::uint64_t>(in), static_cast<std::uint64_t>(out), u);
         for (Index i = 0; i < out; ++i) u[i] = a * u[i];
+      } else if (r == 4) {  // generated transposed, straight into the columns
+        kern.factors_t4(p.key, index, in, out, v, u);
+        for (Index i = 0; i < 4 * out; ++i) u[i] = a * u[i];
       } else {  // row-major factors: scatter their columns
         float* st = grow(tls_buffers.stream, n_b + static_cast<std::size_t>(out) * r);
         fill_normals(kern, p.key, index, 0, n_b + static_cast<std::uint64_t>(out) * r, st);
