@@ -61,15 +61,15 @@ inline void normal_pair8(__m256i w0, __m256i w1, __m256& c_out, __m256& s_out) {
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 s = _mm256_div_ps(_mm256_sub_ps(m, one), _mm256_add_ps(m, one));
   const __m256 s2 = _mm256_mul_ps(s, s);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(detail::kAtanh9), s2, _mm256_set1_ps(detail::kAtanh7));
-  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(detail::kAtanh5));
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(detail::kAtanh7), s2, _mm256_set1_ps(detail::kAtanh5));
   p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(detail::kAtanh3));
   p = _mm256_fmadd_ps(p, s2, one);
-  const __m256 ln_m = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(2.0f), s), p);
   const __m256 ef = _mm256_cvtepi32_ps(e);
-  const __m256 ln_u = _mm256_fmadd_ps(ef, _mm256_set1_ps(detail::kLn2Hi),
-                                      _mm256_fmadd_ps(ef, _mm256_set1_ps(detail::kLn2Lo), ln_m));
-  const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), ln_u));
+  const __m256 minus2_ln_u =
+      _mm256_fmadd_ps(ef, _mm256_set1_ps(-2.0f * detail::kLn2Hi),
+                      _mm256_fmadd_ps(ef, _mm256_set1_ps(-2.0f * detail::kLn2Lo),
+                                      _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(-4.0f), s), p)));
+  const __m256 radius = _mm256_sqrt_ps(minus2_ln_u);
   // Angle.
   const __m256i j = _mm256_srli_epi32(w1, 8);
   const __m256i q = _mm256_srli_epi32(_mm256_add_epi32(j, _mm256_set1_epi32(1 << 21)), 22);
@@ -81,8 +81,7 @@ inline void normal_pair8(__m256i w0, __m256i w1, __m256& c_out, __m256& s_out) {
   ps = _mm256_fmadd_ps(ps, t2, _mm256_set1_ps(detail::kSin3));
   ps = _mm256_fmadd_ps(ps, t2, _mm256_set1_ps(detail::kSin1));
   const __m256 sin_t = _mm256_mul_ps(t, ps);
-  __m256 pc = _mm256_fmadd_ps(_mm256_set1_ps(detail::kCos10), t2, _mm256_set1_ps(detail::kCos8));
-  pc = _mm256_fmadd_ps(pc, t2, _mm256_set1_ps(detail::kCos6));
+  __m256 pc = _mm256_fmadd_ps(_mm256_set1_ps(detail::kCos8), t2, _mm256_set1_ps(detail::kCos6));
   pc = _mm256_fmadd_ps(pc, t2, _mm256_set1_ps(detail::kCos4));
   pc = _mm256_fmadd_ps(pc, t2, _mm256_set1_ps(detail::kCos2));
   const __m256 cos_t = _mm256_fmadd_ps(pc, t2, one);
