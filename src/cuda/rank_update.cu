@@ -293,13 +293,11 @@ cudaError_t launch_rows(TW* w, const float* u, const float* v, const Params& p, 
   if (col_blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
   // One wave of two blocks per multiprocessor, each looping over an equal number of row chunks
   // (V is loaded once per block).
-  static int sms = 0;
-  if (sms == 0) {
-    int device = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
-      sms = 132;
-    }
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
+    (void)cudaGetLastError();
+    sms = 132;
   }
   std::int64_t row_blocks = (2 * static_cast<std::int64_t>(sms) + col_blocks - 1) / col_blocks;
   row_blocks = row_blocks < chunks ? row_blocks : chunks;
