@@ -10,13 +10,26 @@ LOWRANK_BEGIN_NAMESPACE
 namespace detail {
 namespace {
 
-// Philox4x32-10 of the counters (c0 + lane, c1, c2, c3), lane = 0..7, under key (k0, k1); out[w]
+// Philox4x32-10 of the counters (c0 + lane, c1, c2, c3), lane = 0..7, under `keys`; out[w]
 // holds word w of the eight blocks. The state is kept as two vectors per word, the even blocks
 // and the odd blocks each in the low 32 bits of a 64-bit lane, because _mm256_mul_epu32 reads
 // exactly those: a round is then two multiplies, two shifts and four xors per parity, with no
 // shuffles (the high halves carry garbage that nothing reads).
-inline void philox8(std::uint32_t c0, std::uint32_t c1, std::uint32_t c2, std::uint32_t c3, std::uint32_t k0,
-                    std::uint32_t k1, __m256i out[4]) {
+// The ten round keys of Philox4x32-10 (the Weyl sequence of the key), broadcast once per call.
+struct RoundKeys {
+  __m256i k0[10], k1[10];
+  RoundKeys(std::uint32_t a, std::uint32_t b) {
+    for (int round = 0; round < 10; ++round) {
+      k0[round] = _mm256_set1_epi32(static_cast<int>(a));
+      k1[round] = _mm256_set1_epi32(static_cast<int>(b));
+      a += 0x9E3779B9u;
+      b += 0xBB67AE85u;
+    }
+  }
+};
+
+inline void philox8(std::uint32_t c0, std::uint32_t c1, std::uint32_t c2, std::uint32_t c3, const RoundKeys& keys,
+                    __m256i out[4]) {
   const __m256i m0 = _mm256_set1_epi64x(0xD2511F53);
   const __m256i m1 = _mm256_set1_epi64x(0xCD9E8D57);
   const __m256i base = _mm256_set1_epi64x(c0);
@@ -26,8 +39,8 @@ inline void philox8(std::uint32_t c0, std::uint32_t c1, std::uint32_t c2, std::u
   __m256i x2[2] = {_mm256_set1_epi32(static_cast<int>(c2)), _mm256_set1_epi32(static_cast<int>(c2))};
   __m256i x3[2] = {_mm256_set1_epi32(static_cast<int>(c3)), _mm256_set1_epi32(static_cast<int>(c3))};
   for (int round = 0; round < 10; ++round) {
-    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0));
-    const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1));
+    const __m256i key0 = keys.k0[round];
+    const __m256i key1 = keys.k1[round];
     for (int p = 0; p < 2; ++p) {
       const __m256i p0 = _mm256_mul_epu32(x0[p], m0);  // low: lo0, high: hi0
       const __m256i p1 = _mm256_mul_epu32(x2[p], m1);  // low: lo1, high: hi1
@@ -38,8 +51,6 @@ inline void philox8(std::uint32_t c0, std::uint32_t c1, std::uint32_t c2, std::u
       x2[p] = n2;
       x3[p] = p0;
     }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
   }
   // Interleave: lane 2i from the even vector, lane 2i + 1 from the odd one.
   out[0] = _mm256_blend_epi32(x0[0], _mm256_slli_epi64(x0[1], 32), 0xAA);
@@ -99,7 +110,7 @@ inline void normal_pair8(__m256i w0, __m256i w1, __m256& c_out, __m256& s_out) {
 
 void normals_avx2(const es::NoiseKey& key, std::uint32_t index, std::uint32_t first_block, std::uint64_t blocks,
                   float* out) {
-  const std::uint32_t k0 = static_cast<std::uint32_t>(key.seed), k1 = static_cast<std::uint32_t>(key.seed >> 32);
+  const RoundKeys keys(static_cast<std::uint32_t>(key.seed), static_cast<std::uint32_t>(key.seed >> 32));
   // The last partial group of eight blocks goes through a stack buffer (the extra counters are
   // computed and dropped), so that this TU calls no inline function of the headers: one compiled
   // with AVX2 flags could be picked by the linker for other callers (see kernel_api.hpp).
@@ -107,7 +118,7 @@ void normals_avx2(const es::NoiseKey& key, std::uint32_t index, std::uint32_t fi
   for (std::uint64_t b = 0; b < blocks; b += 8) {
     const bool full = b + 8 <= blocks;
     __m256i w[4];
-    philox8(first_block + static_cast<std::uint32_t>(b), index, key.epoch, key.layer, k0, k1, w);
+    philox8(first_block + static_cast<std::uint32_t>(b), index, key.epoch, key.layer, keys, w);
     __m256 c01, s01, c23, s23;
     normal_pair8(w[0], w[1], c01, s01);
     normal_pair8(w[2], w[3], c23, s23);
@@ -137,11 +148,11 @@ inline float fma1(float a, float b, float c) {
 // vectors of normal_pair8 over eight blocks are already four columns of eight rows.
 void rows4_t(const es::NoiseKey& key, std::uint32_t index, std::uint32_t first_block, std::ptrdiff_t rows, float* t,
              std::ptrdiff_t ld) {
-  const std::uint32_t k0 = static_cast<std::uint32_t>(key.seed), k1 = static_cast<std::uint32_t>(key.seed >> 32);
+  const RoundKeys keys(static_cast<std::uint32_t>(key.seed), static_cast<std::uint32_t>(key.seed >> 32));
   alignas(32) float tail[4][8];
   for (std::ptrdiff_t i = 0; i < rows; i += 8) {
     __m256i w[4];
-    philox8(first_block + static_cast<std::uint32_t>(i), index, key.epoch, key.layer, k0, k1, w);
+    philox8(first_block + static_cast<std::uint32_t>(i), index, key.epoch, key.layer, keys, w);
     __m256 col[4];
     normal_pair8(w[0], w[1], col[0], col[1]);
     normal_pair8(w[2], w[3], col[2], col[3]);
