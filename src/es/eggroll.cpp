@@ -91,6 +91,14 @@ struct ThreadBuffers {
 };
 thread_local ThreadBuffers tls_buffers;
 
+// The calling thread's buffers of the entry points (grow only: warmed-up calls do not allocate).
+struct CallBuffers {
+  std::vector<std::pair<std::uint32_t, Index>> order;
+  std::vector<std::size_t> starts;
+  std::vector<float> u, v;
+};
+thread_local CallBuffers tls_call;
+
 // Factors of noise index `index` into buf (stream order: B then A, row-major), and their
 // transposes bt (r x in) and at (r x out); for r == 1 the transposes are the stream itself.
 void factors_transposed(const detail::EsKernels& k, const NoiseKey& key, std::uint32_t index, Index out, Index in,
@@ -222,12 +230,14 @@ void population_forward(MatrixView<const float> X, WeightView<const TW> W, const
   if (in == 0) return;
 
   // Rows grouped by noise index: each group generates its factors once.
-  std::vector<std::pair<std::uint32_t, Index>> order(static_cast<std::size_t>(tokens));
+  std::vector<std::pair<std::uint32_t, Index>>& order = tls_call.order;
+  order.resize(static_cast<std::size_t>(tokens));
   for (Index t = 0; t < tokens; ++t) {
     order[static_cast<std::size_t>(t)] = {member_noise(members[static_cast<std::size_t>(t)], p.population, p.antithetic).index, t};
   }
   std::sort(order.begin(), order.end());
-  std::vector<std::size_t> starts;
+  std::vector<std::size_t>& starts = tls_call.starts;
+  starts.clear();
   for (std::size_t g = 0; g < order.size(); ++g) {
     if (g == 0 || order[g].first != order[g - 1].first) starts.push_back(g);
   }
@@ -415,15 +425,16 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
   const int threads = thread_count(options.max_threads);
   const std::int64_t per = std::min<std::int64_t>(chunk, static_cast<std::int64_t>(active.size()));
   // U (out x per r) and V (in x per r), column-major: column q r + j holds a_k A_k[:, j] and B_k[:, j].
-  std::vector<float> U(static_cast<std::size_t>(out) * per * r), V(static_cast<std::size_t>(in) * per * r);
+  float* const U = grow(tls_call.u, static_cast<std::size_t>(out) * per * r);
+  float* const V = grow(tls_call.v, static_cast<std::size_t>(in) * per * r);
   for (std::size_t c0 = 0; c0 < active.size(); c0 += static_cast<std::size_t>(per)) {
     const auto cnt = static_cast<std::int64_t>(std::min<std::size_t>(static_cast<std::size_t>(per), active.size() - c0));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && cnt > 1)
     for (std::int64_t q = 0; q < cnt; ++q) {
       const std::uint32_t index = active[c0 + static_cast<std::size_t>(q)];
       const auto a = static_cast<float>(coef * w[index]);
-      float* u = U.data() + static_cast<std::size_t>(q) * r * static_cast<std::size_t>(out);
-      float* v = V.data() + static_cast<std::size_t>(q) * r * static_cast<std::size_t>(in);
+      float* u = U + static_cast<std::size_t>(q) * r * static_cast<std::size_t>(out);
+      float* v = V + static_cast<std::size_t>(q) * r * static_cast<std::size_t>(in);
       const std::size_t n_b = static_cast<std::size_t>(in) * r;
       if (r == 1) {  // the stream is B then A: straight into V's and U's columns
         fill_normals(kern, p.key, index, 0, static_cast<std::uint64_t>(in), v);
@@ -451,14 +462,14 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
       const Index blocks = (out + block - 1) / block;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
       for (Index bi = 0; bi < blocks; ++bi) {
-        kern.update_fused(G.data, G.row_stride, G.col_stride, U.data(), V.data(), bi * block,
+        kern.update_fused(G.data, G.row_stride, G.col_stride, U, V, bi * block,
                           std::min(block, out - bi * block), out, in, cols);
       }
     } else {
       RankUpdateOptions ru;
       ru.max_threads = options.max_threads;
-      rank_update(G, MatrixView<const float>(U.data(), out, cols, 1, out),
-                  MatrixView<const float>(V.data(), in, cols, 1, in), 1.0, ru);
+      rank_update(G, MatrixView<const float>(U, out, cols, 1, out), MatrixView<const float>(V, in, cols, 1, in), 1.0,
+                  ru);
     }
   }
 }

@@ -80,6 +80,9 @@ struct ForwardOptions {
 /// (within one base path: see `lora_forward_gemm_tokens`); the noise itself is the same bits on
 /// every target.
 ///
+/// Allocation: the calling thread's and the workers' buffers (`(in + out) r` floats each, the row
+/// order) only grow; a warmed-up call does not allocate.
+///
 /// \param X        `tokens x in`, fp32, any strides
 /// \param W        the base weight (fp32, bf16 or fp16 storage; either layout)
 /// \param p        the perturbation of this weight this generation
@@ -164,6 +167,8 @@ struct AggregateOptions {
 /// Determinism: bitwise independent of the thread count and identical on every target: the SIMD
 /// targets' rank update adds the products in order with fused multiply-adds, and the scalar target
 /// does the same with `std::fma` (a library call, so slow, on x86 builds without FMA instructions).
+/// Allocation: O(N) scratch for the collapsed fitness per call; the chunk's factors live in
+/// per-thread buffers that only grow.
 /// \throws Error (G unchanged) on `fitness.size() != N`, non-finite fitness or c, bad perturbation
 ///   parameters, or a G that is not `out x in` for the given shape.
 void aggregate_update(const Perturbation& p, std::span<const double> fitness, double c, MatrixView<float> G,
