@@ -245,7 +245,10 @@ struct ParamRef {
 ///
 /// Determinism: the same seed, configuration and fitness values give bitwise the same parameters on
 /// any thread count, on any evaluation order or split of the population (the fitness vector is
-/// indexed by global member id), and on every target (see `aggregate_update`).
+/// indexed by global member id), and on every target (see `aggregate_update`). Fitness values are
+/// the caller's: rows of `population_forward` are bitwise independent of the batch only within one
+/// base path (batches below or from `lora_forward_gemm_tokens` rows), so workers that must
+/// reproduce a single-process run evaluate batches on the same side of that boundary.
 class Population {
  public:
   /// \throws Error on an invalid configuration or parameter list (names the offending field).
