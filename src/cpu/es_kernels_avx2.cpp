@@ -179,24 +179,50 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
 }
 
+// Up to four rank columns per pass: x is read once for their dot products and y once for their
+// AXPYs. Each dot product keeps its own two accumulators over the same index split, and each
+// y element takes the columns' fused multiply-adds in order j = 0..r-1: the bits do not depend
+// on the grouping.
 void row_term_avx2(const float* x, const float* bt, const float* at, std::ptrdiff_t in, std::ptrdiff_t out, int r,
                    float scale, float* y) {
-  for (int j = 0; j < r; ++j) {
-    const float* b = bt + j * in;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int j0 = 0; j0 < r; j0 += 4) {
+    const int g = r - j0 < 4 ? r - j0 : 4;
+    const float* b[4];
+    const float* a[4];
+    for (int q = 0; q < 4; ++q) {
+      const int j = j0 + (q < g ? q : 0);
+      b[q] = bt + j * in;
+      a[q] = at + j * out;
+    }
+    __m256 acc0[4], acc1[4];
+    for (int q = 0; q < 4; ++q) acc0[q] = acc1[q] = _mm256_setzero_ps();
     std::ptrdiff_t i = 0;
     for (; i + 16 <= in; i += 16) {
-      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(b + i), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+      const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+      for (int q = 0; q < g; ++q) {
+        acc0[q] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(b[q] + i), acc0[q]);
+        acc1[q] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(b[q] + i + 8), acc1[q]);
+      }
     }
-    float dot = hsum8(_mm256_add_ps(acc0, acc1));
-    for (; i < in; ++i) dot = fma1(x[i], b[i], dot);
-    const float c = scale * dot;
-    const __m256 cv = _mm256_set1_ps(c);
-    const float* a = at + j * out;
+    float c[4] = {0, 0, 0, 0};
+    __m256 cv[4];
+    for (int q = 0; q < g; ++q) {
+      float dot = hsum8(_mm256_add_ps(acc0[q], acc1[q]));
+      for (std::ptrdiff_t t = i; t < in; ++t) dot = fma1(x[t], b[q][t], dot);
+      c[q] = scale * dot;
+      cv[q] = _mm256_set1_ps(c[q]);
+    }
     std::ptrdiff_t o = 0;
-    for (; o + 8 <= out; o += 8) _mm256_storeu_ps(y + o, _mm256_fmadd_ps(cv, _mm256_loadu_ps(a + o), _mm256_loadu_ps(y + o)));
-    for (; o < out; ++o) y[o] = fma1(c, a[o], y[o]);
+    for (; o + 8 <= out; o += 8) {
+      __m256 acc = _mm256_loadu_ps(y + o);
+      for (int q = 0; q < g; ++q) acc = _mm256_fmadd_ps(cv[q], _mm256_loadu_ps(a[q] + o), acc);
+      _mm256_storeu_ps(y + o, acc);
+    }
+    for (; o < out; ++o) {
+      float acc = y[o];
+      for (int q = 0; q < g; ++q) acc = fma1(c[q], a[q][o], acc);
+      y[o] = acc;
+    }
   }
 }
 
