@@ -10,6 +10,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "../cpu/view_checks-inl.hpp"
 #include "launch.hpp"
 #include "lowrank/core/error.hpp"
 #include "lowrank/cuda/eggroll.hpp"
@@ -50,37 +51,26 @@ Dtype dtype_of() {
   }
 }
 
+// The shape, overlap and aliasing checks of the CPU entry points (src/cpu/view_checks-inl.hpp),
+// on a host-side MatrixView of the same pointer, shape and strides (nothing is dereferenced).
 template <class T>
-void check_shape(const char* fn, const char* name, const DeviceMatrix<T>& v) {
-  if (v.rows < 0 || v.cols < 0) fail(fn, "{} has negative shape {}x{}", name, v.rows, v.cols);
-  if (v.empty()) return;
-  if (v.data == nullptr) fail(fn, "{} is {}x{} but its data pointer is null", name, v.rows, v.cols);
-  if ((v.rows > 1 && v.row_stride <= 0) || (v.cols > 1 && v.col_stride <= 0)) {
-    fail(fn, "{} ({}x{}) has strides ({}, {}); strides must be positive", name, v.rows, v.cols, v.row_stride,
-         v.col_stride);
-  }
+MatrixView<T> as_view(const DeviceMatrix<T>& v) {
+  return {v.data, v.rows, v.cols, v.row_stride, v.col_stride};
 }
 
 template <class T>
-std::pair<std::uintptr_t, std::uintptr_t> byte_span(const DeviceMatrix<T>& v) {
-  const auto first = reinterpret_cast<std::uintptr_t>(v.data);
-  const std::int64_t last = (v.rows - 1) * std::max<std::int64_t>(v.row_stride, 0) +
-                            (v.cols - 1) * std::max<std::int64_t>(v.col_stride, 0);
-  return {first, first + static_cast<std::uintptr_t>(last + 1) * sizeof(T)};
+void check_shape(const char* fn, const char* name, const DeviceMatrix<T>& v) {
+  lowrank::detail::check_view(fn, name, as_view(v));
 }
 
 template <class A, class B>
 bool overlap(const DeviceMatrix<A>& a, const DeviceMatrix<B>& b) {
-  if (a.empty() || b.empty()) return false;
-  const auto [a0, a1] = byte_span(a);
-  const auto [b0, b1] = byte_span(b);
-  return a0 < b1 && b0 < a1;
+  return lowrank::detail::spans_overlap(as_view(a), as_view(b));
 }
 
 template <class T>
 bool self_overlapping(const DeviceMatrix<T>& v) {
-  if (v.rows <= 1 || v.cols <= 1) return false;
-  return !(v.row_stride >= v.cols * v.col_stride || v.col_stride >= v.rows * v.row_stride);
+  return lowrank::detail::self_overlapping(as_view(v));
 }
 
 // One unit stride (cuBLAS layouts).
