@@ -238,7 +238,8 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
 #endif
   {
 #if defined(LOWRANK_HAVE_OPENMP)
-    C* tile = tiles + tile_size * static_cast<std::size_t>(omp_get_thread_num());
+    // No tiles on the direct path: tile stays null (an offset from a null pointer is undefined).
+    C* tile = tiles != nullptr ? tiles + tile_size * static_cast<std::size_t>(omp_get_thread_num()) : nullptr;
 #else
     C* tile = tiles;
 #endif

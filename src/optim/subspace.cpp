@@ -7,9 +7,6 @@
 #include <numeric>
 #include <utility>
 
-#include <Eigen/QR>
-#include <Eigen/SVD>
-
 #include "lowrank/core/error.hpp"
 #include "lowrank/core/philox.hpp"
 #include "lowrank/core/threading.hpp"
@@ -169,12 +166,10 @@ ColMatrix<float> randomized_basis(MatrixView<const float> G, bool left, Index r,
     linalg::detail::orthonormalize_columns(Y);
   }
   const ColMatrix<float> Bt = times_Tt(Y);  // len x l = T^T Y
-  const Eigen::HouseholderQR<ColMatrix<float>> qr(Bt);
-  const ColMatrix<double> rt =
-      ColMatrix<float>(qr.matrixQR().topRows(l).triangularView<Eigen::Upper>()).transpose().cast<double>();
-  const Eigen::BDCSVD<ColMatrix<double>> small(rt, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  const ColMatrix<float> qb = qr.householderQ() * ColMatrix<float>::Identity(len, l);
-  return qb * small.matrixV().leftCols(r).cast<float>();
+  ColMatrix<float> qb, r_upper;
+  linalg::detail::thin_qr(Bt, qb, r_upper);
+  const linalg::detail::DenseSvd small = linalg::detail::dense_svd(r_upper.transpose().cast<double>());
+  return qb * small.V.leftCols(r).cast<float>();
 }
 
 }  // namespace

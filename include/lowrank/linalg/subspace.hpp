@@ -28,6 +28,9 @@ ColMatrix<double> orthonormal_basis(const Eigen::MatrixBase<Derived>& X, Index& 
   const ColMatrix<double> x = X.template cast<double>();
   const Eigen::ColPivHouseholderQR<ColMatrix<double>> qr(x);
   rank = qr.rank();
+  // Rank 0: an empty basis, built directly (Eigen 3.4's Householder product offsets a null
+  // pointer for a zero-column result).
+  if (rank == 0) return ColMatrix<double>(x.rows(), 0);
   return qr.householderQ() * ColMatrix<double>::Identity(x.rows(), rank);
 }
 

@@ -11,8 +11,6 @@
 #include <type_traits>
 
 #include <Eigen/Core>
-#include <Eigen/QR>
-#include <Eigen/SVD>
 
 #include "lowrank/core/config.hpp"
 #include "lowrank/core/error.hpp"
@@ -69,13 +67,28 @@ struct TruncatedSvd {
 
 namespace detail {
 
+/// The dense factorizations below are compiled once into the lowrank library
+/// (src/linalg/dense.cpp): Eigen's BDCSVD, JacobiSVD and HouseholderQR take minutes to compile in
+/// every translation unit that would otherwise instantiate them.
+
+/// Thin SVD of a dense double matrix A (m x n), k = min(m, n): U m x k, S k (non-increasing),
+/// V n x k. Eigen's `BDCSVD`, `JacobiSVD` when k <= 16.
+struct DenseSvd {
+  ColMatrix<double> U;
+  Vector<double> S;
+  ColMatrix<double> V;
+};
+[[nodiscard]] DenseSvd dense_svd(const ColMatrix<double>& A);
+
 /// Orthonormalises the columns of `Y` (p x l, p >= l) in place: Y <- the thin Q of Householder QR.
 /// The result has orthonormal columns even when Y is rank-deficient (or zero).
-template <class Scalar>
-void orthonormalize_columns(ColMatrix<Scalar>& Y) {
-  const Eigen::HouseholderQR<ColMatrix<Scalar>> qr(Y);
-  Y = qr.householderQ() * ColMatrix<Scalar>::Identity(Y.rows(), Y.cols());
-}
+void orthonormalize_columns(ColMatrix<float>& Y);
+void orthonormalize_columns(ColMatrix<double>& Y);
+
+/// Thin Householder QR of Y (p x l, p >= l): Y = Q R with Q p x l (orthonormal columns, the
+/// same as `orthonormalize_columns`) and R l x l upper triangular.
+void thin_qr(const ColMatrix<float>& Y, ColMatrix<float>& Q, ColMatrix<float>& R);
+void thin_qr(const ColMatrix<double>& Y, ColMatrix<double>& Q, ColMatrix<double>& R);
 
 /// Randomized SVD of the tall matrix T (p x s, p >= s), range width l <= s, rank k <= l:
 /// T ~= U diag(S) V^T with U p x k, V s x k. `T` is a `Ref` or the transpose of one.
@@ -105,35 +118,24 @@ void randomized_svd_tall(const Mat& T, Index k, Index l, const SvdOptions& optio
   // B = Q^T T (l x s); through its transpose: B^T = T^T Q = Qb Rb, so B = Rb^T Qb^T and the SVD
   // of the l x l matrix Rb^T = Ur S Vr^T gives T ~= (Q Ur) S (Qb Vr)^T.
   Z.noalias() = T.transpose() * Q;
-  const Eigen::HouseholderQR<ColMatrix<Scalar>> qr(Z);
-  // The small l x l SVD runs in double for either Scalar (one BDCSVD instantiation to compile,
-  // and no accuracy lost in the step that fixes S).
-  const ColMatrix<Scalar> r_upper = qr.matrixQR().topRows(l).template triangularView<Eigen::Upper>();
-  const ColMatrix<double> rt = r_upper.transpose().template cast<double>();
-  const Eigen::BDCSVD<ColMatrix<double>> small(rt, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  U.noalias() = Q * small.matrixU().leftCols(k).template cast<Scalar>();
-  const ColMatrix<Scalar> qb = qr.householderQ() * ColMatrix<Scalar>::Identity(s, l);
-  V.noalias() = qb * small.matrixV().leftCols(k).template cast<Scalar>();
-  S = small.singularValues().head(k).template cast<Scalar>();
+  ColMatrix<Scalar> qb, r_upper;
+  thin_qr(Z, qb, r_upper);
+  // The small l x l SVD runs in double for either Scalar (no accuracy lost in the step that fixes S).
+  const DenseSvd small = dense_svd(r_upper.transpose().template cast<double>());
+  U.noalias() = Q * small.U.leftCols(k).template cast<Scalar>();
+  V.noalias() = qb * small.V.leftCols(k).template cast<Scalar>();
+  S = small.S.head(k).template cast<Scalar>();
 }
 
 /// Exact SVD of A (any shape), truncated to k; returns the sum of the discarded S_i^2. Computed in
-/// double for either Scalar (float input is widened exactly), so that only the double
-/// instantiations of Eigen's SVDs are compiled.
+/// double for either Scalar (float input is widened exactly).
 template <class Scalar, class Mat>
 double exact_svd(const Mat& A, Index k, ColMatrix<Scalar>& U, Vector<Scalar>& S, ColMatrix<Scalar>& V) {
-  const auto take = [&](const auto& svd) {
-    U = svd.matrixU().leftCols(k).template cast<Scalar>();
-    V = svd.matrixV().leftCols(k).template cast<Scalar>();
-    const auto& all = svd.singularValues();
-    S = all.head(k).template cast<Scalar>();
-    return all.tail(all.size() - k).squaredNorm();
-  };
-  const ColMatrix<double> Ad = A.template cast<double>();
-  if (std::min(A.rows(), A.cols()) <= 16) {
-    return take(Eigen::JacobiSVD<ColMatrix<double>>(Ad, Eigen::ComputeThinU | Eigen::ComputeThinV));
-  }
-  return take(Eigen::BDCSVD<ColMatrix<double>>(Ad, Eigen::ComputeThinU | Eigen::ComputeThinV));
+  const DenseSvd svd = dense_svd(A.template cast<double>());
+  U = svd.U.leftCols(k).template cast<Scalar>();
+  V = svd.V.leftCols(k).template cast<Scalar>();
+  S = svd.S.head(k).template cast<Scalar>();
+  return svd.S.tail(svd.S.size() - k).squaredNorm();
 }
 
 /// `truncated_svd` on a column-major `A0` that holds M (`stored_transposed == false`) or M^T.
@@ -190,8 +192,7 @@ TruncatedSvd<Scalar> truncated_svd_impl(const Eigen::Ref<const ColMatrix<Scalar>
 }
 
 // The float and double instantiations are compiled once into the lowrank library
-// (src/linalg/svd.cpp): Eigen's BDCSVD and JacobiSVD take minutes to compile in every translation
-// unit that would otherwise instantiate them.
+// (src/linalg/svd.cpp): their products take a minute to compile.
 extern template TruncatedSvd<float> truncated_svd_impl<float>(
     const Eigen::Ref<const ColMatrix<float>, 0, Eigen::OuterStride<>>&, bool, Index, const SvdOptions&);
 extern template TruncatedSvd<double> truncated_svd_impl<double>(
