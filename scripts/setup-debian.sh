@@ -3,7 +3,9 @@
 # Debian's packages only; installs nothing that is already there. Run as root, or with sudo.
 #   scripts/setup-debian.sh            build + tests + examples + benchmarks
 #   scripts/setup-debian.sh PKG...     the same plus these packages (e.g. the fuzzers' clang)
-#   scripts/setup-debian.sh mpi        the same plus OpenMPI (LOWRANK_ENABLE_MPI; the dev preset)
+#   scripts/setup-debian.sh mpi        the same plus OpenMPI (LOWRANK_ENABLE_MPI; the dev and check presets)
+#   scripts/setup-debian.sh clang      the same plus Clang 14 with its sanitizer runtimes, OpenMP
+#                                      runtime and symbolizer (the check preset, the fuzzers)
 set -euo pipefail
 
 # Optional groups named on the command line; other arguments are package names.
@@ -11,6 +13,7 @@ extra=()
 for arg in "$@"; do
   case "$arg" in
     mpi) extra+=(openmpi-bin libopenmpi-dev) ;;  # lowrank::mpi and its mpirun test
+    clang) extra+=(clang-14 libclang-rt-14-dev libomp-14-dev llvm-14) ;;
     *) extra+=("$arg") ;;
   esac
 done

@@ -778,6 +778,9 @@ TEST(Determinism, StepsGiveTheSameBitsOnAnyThreadCount) {
   const std::vector<SubspaceConfig> configs = {galore_config(40, BasisMethod::randomized_svd),
                                                frugal_config(m, n, 0.2, BasisMethod::randomized_svd),
                                                fira_config(24), online_subspace_descent_config(16)};
+  const RowMatrix<float> W0 = randn(m, n, 25);
+  std::vector<RowMatrix<float>> G;
+  for (int t = 0; t < 4; ++t) G.push_back(spectral(m, n, 30, 260 + static_cast<std::uint64_t>(t)));
   for (std::size_t k = 0; k < configs.size(); ++k) {
     SCOPED_TRACE(k);
     std::vector<RowMatrix<float>> results;
@@ -786,8 +789,8 @@ TEST(Determinism, StepsGiveTheSameBitsOnAnyThreadCount) {
       SubspaceConfig c = configs[k];
       c.update_gap = 2;
       SubspaceOptimizer opt(m, n, c);
-      RowMatrix<float> W = randn(m, n, 25);
-      for (int t = 0; t < 4; ++t) opt.step(mv(W), cmv(spectral(m, n, 30, 260 + t)), 0.01);
+      RowMatrix<float> W = W0;
+      for (const RowMatrix<float>& g : G) opt.step(mv(W), cmv(g), 0.01);
       results.push_back(W);
     }
     lowrank::set_num_threads(0);

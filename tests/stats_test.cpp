@@ -54,14 +54,23 @@ RowMatrix<T> stored(const RowMatrix<double>& k) {
   return s;
 }
 
-// Naive fp64 references from the values as stored.
+// Naive fp64 references from the values as stored. The triple loops run on plain arrays: in the
+// sanitized Debug build (the check preset) Eigen's element access costs a call and an assertion
+// per element, minutes for these sizes.
 template <class T>
 ColMatrix<double> naive_sum_outer(const RowMatrix<T>& k) {
-  ColMatrix<double> s = ColMatrix<double>::Zero(k.cols(), k.cols());
-  for (Index t = 0; t < k.rows(); ++t)
-    for (Index i = 0; i < k.cols(); ++i)
-      for (Index j = 0; j < k.cols(); ++j) s(i, j) += to_double(k(t, i)) * to_double(k(t, j));
-  return s;
+  const Index n = k.cols();
+  std::vector<double> row(static_cast<std::size_t>(n));
+  std::vector<double> s(static_cast<std::size_t>(n * n), 0.0);  // column-major
+  for (Index t = 0; t < k.rows(); ++t) {
+    for (Index i = 0; i < n; ++i) row[static_cast<std::size_t>(i)] = to_double(k(t, i));
+    for (Index j = 0; j < n; ++j) {
+      const double kj = row[static_cast<std::size_t>(j)];
+      double* col = s.data() + j * n;
+      for (Index i = 0; i < n; ++i) col[i] += row[static_cast<std::size_t>(i)] * kj;
+    }
+  }
+  return Eigen::Map<const ColMatrix<double>>(s.data(), n, n);
 }
 
 template <class T>
