@@ -15,9 +15,12 @@ void note(std::size_t n) {
   while (n > cur && !g_largest.compare_exchange_weak(cur, n)) {
   }
 }
-void* allocate(std::size_t n) {
+void* allocate_nothrow(std::size_t n) noexcept {
   note(n);
-  if (void* p = std::malloc(n ? n : 1)) return p;
+  return std::malloc(n ? n : 1);
+}
+void* allocate(std::size_t n) {
+  if (void* p = allocate_nothrow(n)) return p;
   throw std::bad_alloc();
 }
 }  // namespace
@@ -27,14 +30,8 @@ void* allocate(std::size_t n) {
 // would allocate elsewhere and be freed here.
 void* operator new(std::size_t n) { return allocate(n); }
 void* operator new[](std::size_t n) { return allocate(n); }
-void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
-  note(n);
-  return std::malloc(n ? n : 1);
-}
-void* operator new[](std::size_t n, const std::nothrow_t&) noexcept {
-  note(n);
-  return std::malloc(n ? n : 1);
-}
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept { return allocate_nothrow(n); }
+void* operator new[](std::size_t n, const std::nothrow_t&) noexcept { return allocate_nothrow(n); }
 void operator delete(void* p) noexcept { std::free(p); }
 void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }

@@ -45,6 +45,12 @@ int thread_count(int max_threads) {
   return max_threads > 0 ? std::min(max_threads, t) : t;
 }
 
+// Threads only when there is work for them: below about 64k generated normals (plus row terms) a
+// parallel region costs more than it saves (measured on the cart-pole example).
+constexpr double kThreadedWork = 65536.0;
+
+int thread_count_for(double work, int max_threads) { return work >= kThreadedWork ? thread_count(max_threads) : 1; }
+
 void check_perturbation(const char* fn, const Perturbation& p) {
   if (p.rank < 1) fail(fn, "rank is {}; it must be at least 1", p.rank);
   if (!(std::isfinite(p.sigma) && p.sigma > 0)) fail(fn, "sigma is {}; it must be positive and finite", p.sigma);
@@ -245,11 +251,8 @@ void population_forward(MatrixView<const float> X, WeightView<const TW> W, const
   const auto groups = static_cast<std::int64_t>(starts.size() - 1);
   const auto& k = detail::es_kernels(active_target());
   const double base_scale = p.sigma / std::sqrt(static_cast<double>(p.rank));
-  // Threads only when there is work for them: below ~64k generated normals plus row terms a
-  // parallel region costs more than it saves (measured on the cart-pole example).
-  const double work = static_cast<double>(groups) * static_cast<double>(in + out) * p.rank +
-                      static_cast<double>(tokens) * static_cast<double>(in + out) * p.rank;
-  const int threads = work >= 65536.0 ? thread_count(options.max_threads) : 1;
+  const int threads = thread_count_for(static_cast<double>(groups + tokens) * static_cast<double>(in + out) * p.rank,
+                                       options.max_threads);
   const bool x_unit = X.col_stride == 1, y_unit = Y.col_stride == 1;
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && groups > 1)
@@ -426,8 +429,8 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
   const std::int64_t chunk = options.chunk > 0 ? options.chunk : default_chunk(r);
   const double coef = c / std::sqrt(static_cast<double>(r));
   const auto& kern = detail::es_kernels(active_target());
-  const double work = static_cast<double>(active.size()) * static_cast<double>(in + out) * r;
-  const int threads = work >= 65536.0 ? thread_count(options.max_threads) : 1;
+  const int threads =
+      thread_count_for(static_cast<double>(active.size()) * static_cast<double>(in + out) * r, options.max_threads);
   const std::int64_t per = std::min<std::int64_t>(chunk, static_cast<std::int64_t>(active.size()));
   // U (out x per r) and V (in x per r), column-major: column q r + j holds a_k A_k[:, j] and B_k[:, j].
   float* const U = grow(tls_call.u, static_cast<std::size_t>(out) * per * r);
@@ -508,7 +511,7 @@ void aggregate_dense_update(const NoiseKey& key, std::int64_t population, Antith
   std::vector<float> a(static_cast<std::size_t>(per));
   for (std::size_t c0 = 0; c0 < active.size(); c0 += static_cast<std::size_t>(per)) {
     const auto cnt = static_cast<std::int64_t>(std::min<std::size_t>(static_cast<std::size_t>(per), active.size() - c0));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && cnt > 1 && cnt * len >= 65536)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && cnt > 1 && static_cast<double>(cnt * len) >= kThreadedWork)
     for (std::int64_t q = 0; q < cnt; ++q) {
       fill_normals(kern, key, active[c0 + static_cast<std::size_t>(q)], 0, static_cast<std::uint64_t>(len),
                    Z.data() + q * len);

@@ -27,13 +27,13 @@ void orthonormalize(ColMatrix<Scalar>& Y) {
 
 template <class Scalar>
 void qr_thin(const ColMatrix<Scalar>& Y, ColMatrix<Scalar>& Q, ColMatrix<Scalar>& R) {
-  const Eigen::HouseholderQR<ColMatrix<Scalar>> qr(Y);
   const Index l = Y.cols();
   if (l == 0) {  // as in orthonormalize
     Q.resize(Y.rows(), 0);
     R.resize(0, 0);
     return;
   }
+  const Eigen::HouseholderQR<ColMatrix<Scalar>> qr(Y);
   R = qr.matrixQR().topRows(l).template triangularView<Eigen::Upper>();
   Q = qr.householderQ() * ColMatrix<Scalar>::Identity(Y.rows(), l);
 }

@@ -67,9 +67,9 @@ struct TruncatedSvd {
 
 namespace detail {
 
-/// The dense factorizations below are compiled once into the lowrank library
-/// (src/linalg/dense.cpp): Eigen's BDCSVD, JacobiSVD and HouseholderQR take minutes to compile in
-/// every translation unit that would otherwise instantiate them.
+// The dense factorizations below are compiled once into the lowrank library
+// (src/linalg/dense.cpp): Eigen's BDCSVD, JacobiSVD and HouseholderQR take minutes to compile in
+// every translation unit that would otherwise instantiate them.
 
 /// Thin SVD of a dense double matrix A (m x n), k = min(m, n): U m x k, S k (non-increasing),
 /// V n x k. Eigen's `BDCSVD`, `JacobiSVD` when k <= 16.
