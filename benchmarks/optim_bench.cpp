@@ -6,7 +6,9 @@
 //       projector (project + add_back, the step minus Adam and bookkeeping).
 //   optim/frugal_step/ratios/...: FRUGAL steps (sign-SGD residual) against the GaLore step on the
 //       same shape: at GaLore's rank (SVD basis), at FRUGAL's default density 0.25 (SVD basis) and
-//       with the column (coordinate) projector at density 0.25.
+//       with the column (coordinate) projector at density 0.25; and FRUGAL's block optimizer (its
+//       pre-training variant) over four tensors of the shape at density 0.25 (one active, Adam; three
+//       on sign-SGD), a quarter of its group step per tensor.
 //   optim/refresh/<m>x<n>_r<r>: the subspace refresh with the randomized SVD (r + 10 columns, two
 //       power iterations) against an exact SVD, LAPACK sgesdd from OpenBLAS (what torch.linalg.svd
 //       calls on CPU), with the captured energy of both bases.
@@ -27,6 +29,7 @@
 #include "bench_util.hpp"
 #include "lowrank/core/matrix.hpp"
 #include "lowrank/linalg/svd.hpp"
+#include "lowrank/optim/block.hpp"
 #include "lowrank/optim/subspace.hpp"
 
 #if defined(LOWRANK_BENCH_OPENBLAS)
@@ -155,16 +158,32 @@ void bm_frugal_step(benchmark::State& state, Index m, Index n, Index r, int thre
   optim::SubspaceOptimizer frugal_r = make(same);
   optim::SubspaceOptimizer frugal_d = make(optim::frugal_config(m, n, 0.25));
   optim::SubspaceOptimizer frugal_c = make(optim::frugal_config(m, n, 0.25, optim::BasisMethod::coordinates));
+  // Block optimizer: four tensors of their own (W and G), one active.
+  constexpr int kBlocks = 4;
+  std::vector<RowMatrix<float>> Wb, Gb;
+  std::vector<MatrixView<float>> wb;
+  std::vector<MatrixView<const float>> gb;
+  for (int b = 0; b < kBlocks; ++b) {
+    Wb.push_back(W);
+    Gb.push_back(gradient(m, n, 7 + static_cast<std::uint64_t>(b)) * 1e-2f);
+  }
+  for (int b = 0; b < kBlocks; ++b) wb.push_back(mv(Wb[static_cast<std::size_t>(b)])), gb.push_back(cmv(Gb[static_cast<std::size_t>(b)]));
+  optim::BlockConfig bc = optim::frugal_block_config(0.25);
+  bc.update_gap = std::int64_t{1} << 40;
+  optim::BlockOptimizer blocks(std::vector<optim::BlockShape>(kBlocks, optim::BlockShape{m, n}), bc);
+  blocks.step(wb, gb, 1e-6);
   const std::function<void()> impls[] = {
       [&] { galore.step(mv(W), cmv(G), 1e-6); },
       [&] { frugal_r.step(mv(W), cmv(G), 1e-6); },
       [&] { frugal_d.step(mv(W), cmv(G), 1e-6); },
       [&] { frugal_c.step(mv(W), cmv(G), 1e-6); },
+      [&] { blocks.step(wb, gb, 1e-6); },
   };
   const std::vector<double> t = lowrank_bench::interleaved_medians(state, impls);
   state.counters["frugal_same_rank/galore"] = t[1] / t[0];
   state.counters["frugal_rho0.25/galore"] = t[2] / t[0];
   state.counters["frugal_columns0.25/galore"] = t[3] / t[0];
+  state.counters["frugal_blocks0.25/galore"] = t[4] / kBlocks / t[0];
   state.counters["galore_ms"] = t[0] * 1e3;
 }
 

@@ -1,11 +1,15 @@
 // Tests of Adam, the projectors and the low-rank-state optimizers (GaLore, FRUGAL, Fira, Online
 // Subspace Descent) against naive fp64 references and the oracles of
-// ../shared/reference/optimizers.md §9.1, 9.2, 9.4, 9.6, 9.7, 9.9.
+// ../shared/reference/optimizers.md §9.1, 9.2, 9.4, 9.6, 9.7, 9.9, and FRUGAL's block optimizer
+// against the window sequences of its reference code (§2.2 (c)).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -15,6 +19,7 @@
 #include "lowrank/core/error.hpp"
 #include "lowrank/core/threading.hpp"
 #include "lowrank/optim/adam.hpp"
+#include "lowrank/optim/block.hpp"
 #include "lowrank/optim/projector.hpp"
 #include "lowrank/optim/subspace.hpp"
 
@@ -837,6 +842,288 @@ TEST(Memory, ReportsMatchAllocationsAndTheLlama7bTotals) {
   EXPECT_NEAR(static_cast<double>(full / sizeof(float)) / 1e9, 13.48, 0.005);
   EXPECT_NEAR(static_cast<double>(galore / sizeof(float)) / 1e9, 3.76, 0.005);
   EXPECT_NEAR(static_cast<double>(projector / sizeof(float)) / 1e9, 0.94, 0.005);
+}
+
+// ---- FRUGAL block optimizer -------------------------------------------------------------------------
+
+std::vector<MatrixView<float>> views(std::vector<RowMatrix<float>>& Ms) {
+  std::vector<MatrixView<float>> v;
+  for (auto& M : Ms) v.push_back(mv(M));
+  return v;
+}
+std::vector<MatrixView<const float>> cviews(const std::vector<RowMatrix<float>>& Ms) {
+  std::vector<MatrixView<const float>> v;
+  for (const auto& M : Ms) v.push_back(cmv(M));
+  return v;
+}
+std::vector<RowMatrix<float>> randn_group(const std::vector<BlockShape>& shapes, std::uint64_t seed) {
+  std::vector<RowMatrix<float>> out;
+  for (const BlockShape& s : shapes) out.push_back(randn(s.rows, s.cols, seed++));
+  return out;
+}
+
+// The windows of the first `switches` switches (gap 1: one switch per step).
+std::vector<std::vector<Index>> windows_of(Index count, double density, BlockOrder order, int switches) {
+  std::vector<BlockShape> shapes(static_cast<std::size_t>(count), BlockShape{2, 3});
+  BlockConfig c;
+  c.density = density;
+  c.order = order;
+  c.update_gap = 1;
+  BlockOptimizer opt(shapes, c);
+  std::vector<RowMatrix<float>> W = randn_group(shapes, 1);
+  const std::vector<RowMatrix<float>> G = randn_group(shapes, 100);
+  std::vector<std::vector<Index>> out;
+  for (int s = 0; s < switches; ++s) {
+    const BlockStepReport r = opt.step(views(W), cviews(G), 0.01);
+    EXPECT_TRUE(r.switched);
+    out.push_back(opt.active_blocks());
+    for (Index b = 0; b < count; ++b) {
+      const bool in = std::find(out.back().begin(), out.back().end(), b) != out.back().end();
+      EXPECT_EQ(opt.is_active(b), in);
+      EXPECT_EQ(opt.state(b).m.size() != 0, in);
+    }
+  }
+  return out;
+}
+
+TEST(FrugalBlocks, ActiveCountRoundsLikePython) {
+  const std::vector<BlockShape> ten(10, BlockShape{2, 2});
+  const std::pair<double, Index> cases[] = {{0.25, 2}, {0.35, 4}, {0.15, 2}, {0.05, 0}, {1.0, 10}, {0.0, 0}};
+  for (const auto& [density, k] : cases) {
+    BlockConfig c;
+    c.density = density;
+    EXPECT_EQ(BlockOptimizer(ten, c).active_count(), k) << density;
+  }
+}
+
+TEST(FrugalBlocks, WindowsFollowTheReferenceOrders) {
+  // Hand-derived from FRUGAL's BlockOptimizer._update_states with L = 7, k = round(0.3 x 7) = 2.
+  using W = std::vector<std::vector<Index>>;
+  EXPECT_EQ(windows_of(7, 0.3, BlockOrder::ascending, 5), (W{{0, 1}, {2, 3}, {4, 5}, {6, 0}, {1, 2}}));
+  EXPECT_EQ(windows_of(7, 0.3, BlockOrder::descending, 5), (W{{6, 5}, {4, 3}, {2, 1}, {0, 6}, {5, 4}}));
+  EXPECT_EQ(windows_of(7, 0.3, BlockOrder::mirror, 4), (W{{0, 6}, {1, 5}, {2, 4}, {0, 6}}));
+  // L = 8, k = 4: mirror pairs over the half 0..3.
+  EXPECT_EQ(windows_of(8, 0.5, BlockOrder::mirror, 3), (W{{0, 7, 1, 6}, {2, 5, 3, 4}, {0, 7, 1, 6}}));
+  // Full density: every block, every time.
+  EXPECT_EQ(windows_of(3, 1.0, BlockOrder::descending, 2), (W{{2, 1, 0}, {2, 1, 0}}));
+  // Random: k distinct blocks per switch, reproducible from the seed, every block visited.
+  const W r1 = windows_of(9, 1.0 / 3, BlockOrder::random, 12), r2 = windows_of(9, 1.0 / 3, BlockOrder::random, 12);
+  EXPECT_EQ(r1, r2);
+  std::vector<int> seen(9, 0);
+  bool changes = false;
+  for (std::size_t s = 0; s < r1.size(); ++s) {
+    ASSERT_EQ(r1[s].size(), 3u);
+    std::vector<Index> sorted = r1[s];
+    std::sort(sorted.begin(), sorted.end());
+    EXPECT_EQ(std::unique(sorted.begin(), sorted.end()), sorted.end());
+    for (Index b : sorted) {
+      ASSERT_GE(b, 0);
+      ASSERT_LT(b, 9);
+      ++seen[static_cast<std::size_t>(b)];
+    }
+    if (s > 0 && r1[s] != r1[s - 1]) changes = true;
+  }
+  EXPECT_TRUE(changes);
+  for (int n : seen) EXPECT_GT(n, 0);
+}
+
+TEST(FrugalBlocks, MatchNaiveFp64WithSwitchesResetsAndEveryInactiveRule) {
+  // Four blocks (one a vector), two active, descending windows every 3 steps; weight decay before
+  // the update with the unscaled lr, Adam at lr * active_lr_scale, the inactive rule at
+  // lr * active_lr_scale * inactive_lr_scale (FRUGAL's ProjOptimizer.step and BlockOptimizer).
+  const std::vector<BlockShape> shapes = {{6, 5}, {1, 7}, {4, 4}, {5, 3}};
+  for (const auto rule : {ResidualRule::sign_sgd, ResidualRule::sgd, ResidualRule::none}) {
+    SCOPED_TRACE(static_cast<int>(rule));
+    BlockConfig c = frugal_block_config(0.5);
+    c.update_gap = 3;
+    c.inactive = rule;
+    c.adam.weight_decay = 0.1;
+    c.adam.eps = 1e-3;
+    c.active_lr_scale = 0.5;
+    c.inactive_lr_scale = 0.2;
+    BlockOptimizer opt(shapes, c);
+    std::vector<RowMatrix<float>> W = randn_group(shapes, 30);
+    std::vector<MatD> Wd;
+    for (const auto& M : W) Wd.push_back(d(M));
+    std::vector<NaiveAdam> ref(shapes.size());
+    // Expected windows (L = 4, k = 2, descending): {3, 2} for steps 0-2, {1, 0} for 3-5, {3, 2} at 6.
+    const std::vector<std::vector<Index>> expected = {{3, 2}, {1, 0}, {3, 2}};
+    for (int t = 0; t < 7; ++t) {
+      const std::vector<RowMatrix<float>> G = randn_group(shapes, 200 + 10 * static_cast<std::uint64_t>(t));
+      const double lr = 0.02 * (1 + t % 3);
+      const BlockStepReport r = opt.step(views(W), cviews(G), lr);
+      EXPECT_EQ(r.switched, t % 3 == 0);
+      const auto& window = expected[static_cast<std::size_t>(t / 3)];
+      EXPECT_EQ(opt.active_blocks(), window);
+      if (t % 3 == 0)
+        for (auto& a : ref) a = NaiveAdam{};
+      for (std::size_t b = 0; b < shapes.size(); ++b) {
+        const bool active = std::find(window.begin(), window.end(), static_cast<Index>(b)) != window.end();
+        Wd[b] *= 1 - lr * c.adam.weight_decay;
+        const MatD g = d(G[b]);
+        if (active) {
+          Wd[b] -= ref[b].step(g, c.adam, lr * 0.5);
+          EXPECT_EQ(opt.state(static_cast<Index>(b)).step, t % 3 + 1);
+        } else if (rule == ResidualRule::sign_sgd) {
+          Wd[b] -= lr * 0.5 * 0.2 * g.cwiseSign();
+        } else if (rule == ResidualRule::sgd) {
+          Wd[b] -= lr * 0.5 * 0.2 * g;
+        }
+      }
+    }
+    for (std::size_t b = 0; b < shapes.size(); ++b) EXPECT_LT(rel(d(W[b]), Wd[b]), 1e-6) << b;
+    EXPECT_EQ(opt.steps(), 7);
+    EXPECT_EQ(opt.switches(), 3);
+  }
+}
+
+TEST(FrugalBlocks, FullDensityEqualsTorchAdamWAndZeroDensityEqualsSignSgd) {
+  const std::vector<BlockShape> shapes = {{7, 5}, {3, 9}, {1, 4}};
+  BlockConfig c = frugal_block_config(1.0);
+  c.update_gap = 1000;
+  c.adam.weight_decay = 0.05;
+  BlockOptimizer full(shapes, c);
+  std::vector<RowMatrix<float>> W = randn_group(shapes, 40), Wa = W;
+  std::vector<AdamState> states(shapes.size());
+  for (int t = 0; t < 5; ++t) {
+    const std::vector<RowMatrix<float>> G = randn_group(shapes, 300 + 10 * static_cast<std::uint64_t>(t));
+    full.step(views(W), cviews(G), 0.01);
+    for (std::size_t b = 0; b < shapes.size(); ++b) adam_step(mv(Wa[b]), cmv(G[b]), states[b], c.adam, 0.01);
+  }
+  for (std::size_t b = 0; b < shapes.size(); ++b) EXPECT_LT(rel(d(W[b]), d(Wa[b])), 1e-6) << b;
+
+  BlockOptimizer none(shapes, frugal_block_config(0.0));
+  std::vector<RowMatrix<float>> V = randn_group(shapes, 50);
+  const std::vector<RowMatrix<float>> V0 = V, G = randn_group(shapes, 400);
+  none.step(views(V), cviews(G), 0.125);
+  EXPECT_EQ(none.state_bytes(), 0u);
+  for (std::size_t b = 0; b < shapes.size(); ++b)
+    for (Index i = 0; i < V[b].rows(); ++i)
+      for (Index j = 0; j < V[b].cols(); ++j) {
+        const float step = V0[b](i, j) - V[b](i, j);  // exactly +-0.125 or 0 up to W's rounding
+        EXPECT_NEAR(step, 0.125f * (G[b](i, j) > 0 ? 1.0f : G[b](i, j) < 0 ? -1.0f : 0.0f), 1e-6f);
+      }
+}
+
+TEST(FrugalBlocks, StridedViewsAndThreadCountsGiveTheSameBits) {
+  // 320 x 256 = 81920 elements: above the threading threshold.
+  const std::vector<BlockShape> shapes = {{320, 256}, {256, 320}};
+  BlockConfig c = frugal_block_config(0.5);
+  c.update_gap = 2;
+  std::vector<std::vector<RowMatrix<float>>> results;
+  for (int threads : {1, 2, 3}) {
+    lowrank::set_num_threads(threads);
+    BlockOptimizer opt(shapes, c);
+    std::vector<RowMatrix<float>> W = randn_group(shapes, 60);
+    for (int t = 0; t < 3; ++t) opt.step(views(W), cviews(randn_group(shapes, 500 + 10 * static_cast<std::uint64_t>(t))), 0.01);
+    results.push_back(W);
+  }
+  lowrank::set_num_threads(0);
+  EXPECT_EQ(results[0], results[1]);
+  EXPECT_EQ(results[0], results[2]);
+  // The same steps on column-major copies (views with row stride 1).
+  BlockOptimizer opt(shapes, c);
+  std::vector<ColMatrix<float>> Wc;
+  for (const auto& M : randn_group(shapes, 60)) Wc.push_back(M);
+  for (int t = 0; t < 3; ++t) {
+    const std::vector<RowMatrix<float>> G = randn_group(shapes, 500 + 10 * static_cast<std::uint64_t>(t));
+    std::vector<ColMatrix<float>> Gc(G.begin(), G.end());
+    std::vector<MatrixView<float>> wv;
+    std::vector<MatrixView<const float>> gv;
+    for (std::size_t b = 0; b < shapes.size(); ++b) {
+      wv.emplace_back(Wc[b].data(), Wc[b].rows(), Wc[b].cols(), 1, Wc[b].rows());
+      gv.emplace_back(Gc[b].data(), Gc[b].rows(), Gc[b].cols(), 1, Gc[b].rows());
+    }
+    opt.step(wv, gv, 0.01);
+  }
+  for (std::size_t b = 0; b < shapes.size(); ++b) EXPECT_EQ(RowMatrix<float>(Wc[b]), results[0][b]) << b;
+}
+
+TEST(FrugalBlocks, StateBytesMatchAllocationsAndTheLargestWindow) {
+  const std::vector<BlockShape> shapes = {{10, 10}, {3, 4}, {20, 5}, {1, 8}, {6, 6}};
+  for (const auto order : {BlockOrder::ascending, BlockOrder::descending, BlockOrder::random}) {
+    SCOPED_TRACE(static_cast<int>(order));
+    BlockConfig c;
+    c.density = 0.4;  // k = 2
+    c.order = order;
+    c.update_gap = 1;
+    BlockOptimizer opt(shapes, c);
+    std::vector<RowMatrix<float>> W = randn_group(shapes, 70);
+    const std::vector<RowMatrix<float>> G = randn_group(shapes, 600);
+    std::size_t most = 0;
+    for (int s = 0; s < 25; ++s) {
+      opt.step(views(W), cviews(G), 0.01);
+      std::size_t allocated = 0;
+      for (Index b = 0; b < opt.blocks(); ++b)
+        allocated += static_cast<std::size_t>(opt.state(b).m.size() + opt.state(b).v.size()) * sizeof(float);
+      EXPECT_EQ(opt.state_bytes(), allocated);
+      most = std::max(most, allocated);
+    }
+    // Largest pair: 10x10 and 20x5 (100 elements each) = 2 x 2 x 200 x 4 bytes, reachable by
+    // random; the cyclic windows over 5 blocks visit {0,1},{2,3},{4,0},{1,2},{3,4} (ascending).
+    const std::size_t bound = BlockOptimizer::state_bytes_for(shapes, c);
+    if (order == BlockOrder::random) {
+      EXPECT_EQ(bound, 2u * 200u * 4u);
+      EXPECT_LE(most, bound);
+    } else {
+      EXPECT_EQ(most, bound);
+    }
+  }
+}
+
+TEST(FrugalBlocks, BadInputIsRejectedAndLeavesEverythingUnchanged) {
+  const std::vector<BlockShape> shapes = {{4, 3}, {2, 5}};
+  const auto make = [&](auto&& edit) {
+    BlockConfig c;
+    edit(c);
+    return error_of([&] { BlockOptimizer o(shapes, c); });
+  };
+  EXPECT_NE(make([](BlockConfig& c) { c.density = 1.5; }).find("density is 1.5"), std::string::npos);
+  EXPECT_NE(make([](BlockConfig& c) { c.update_gap = 0; }).find("update_gap"), std::string::npos);
+  EXPECT_NE(make([](BlockConfig& c) { c.inactive = ResidualRule::fira; }).find("fira"), std::string::npos);
+  EXPECT_NE(make([](BlockConfig& c) { c.inactive_lr_scale = -1; }).find("inactive_lr_scale"), std::string::npos);
+  EXPECT_NE(make([](BlockConfig& c) { c.order = BlockOrder::mirror, c.density = 0.5; }).find("odd"), std::string::npos);
+  EXPECT_NE(make([](BlockConfig& c) { c.adam.beta1 = 1; }).find("beta1"), std::string::npos);
+  EXPECT_NE(error_of([] { BlockOptimizer o({}, BlockConfig{}); }).find("no blocks"), std::string::npos);
+  EXPECT_NE(error_of([] { BlockOptimizer o({{3, 0}}, BlockConfig{}); }).find("shapes[0] is 3x0"), std::string::npos);
+
+  for (const auto policy : {NonFinitePolicy::error, NonFinitePolicy::skip}) {
+    BlockConfig c = frugal_block_config(0.5);
+    c.non_finite = policy;
+    BlockOptimizer opt(shapes, c);
+    std::vector<RowMatrix<float>> W = randn_group(shapes, 80);
+    opt.step(views(W), cviews(randn_group(shapes, 700)), 0.01);
+    const std::vector<RowMatrix<float>> W0 = W;
+    const RowMatrix<float> m0 = opt.state(opt.active_blocks()[0]).m;
+    std::vector<RowMatrix<float>> G = randn_group(shapes, 710);
+    G[1](1, 4) = std::numeric_limits<float>::quiet_NaN();
+    if (policy == NonFinitePolicy::error) {
+      const std::string e = error_of([&] { opt.step(views(W), cviews(G), 0.01); });
+      EXPECT_NE(e.find("BlockOptimizer::step"), std::string::npos) << e;
+      EXPECT_NE(e.find("block 1: G (2x5) has a non-finite value"), std::string::npos) << e;
+    } else {
+      EXPECT_FALSE(opt.step(views(W), cviews(G), 0.01).taken);
+    }
+    EXPECT_EQ(W, W0);
+    EXPECT_EQ(opt.state(opt.active_blocks()[0]).m, m0);
+    EXPECT_EQ(opt.steps(), 1);
+    // Count, shape, lr and null-pointer errors, each naming what is wrong.
+    G = randn_group(shapes, 720);
+    auto wv = views(W);
+    auto gv = cviews(G);
+    EXPECT_NE(error_of([&] { opt.step(std::span(wv).first(1), gv, 0.01); }).find("W has 1 and G has 2 views"),
+              std::string::npos);
+    auto bad = gv;
+    bad[0].rows = 3;
+    EXPECT_NE(error_of([&] { opt.step(wv, bad, 0.01); }).find("block 0: W is 4x3 and G is 3x3 but the block is 4x3"),
+              std::string::npos);
+    bad = gv;
+    bad[1].data = nullptr;
+    EXPECT_NE(error_of([&] { opt.step(wv, bad, 0.01); }).find("null pointer"), std::string::npos);
+    EXPECT_NE(error_of([&] { opt.step(wv, gv, -0.1); }).find("lr is -0.1"), std::string::npos);
+    EXPECT_EQ(W, W0);
+    EXPECT_EQ(opt.steps(), 1);
+  }
 }
 
 }  // namespace

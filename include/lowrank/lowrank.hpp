@@ -32,6 +32,7 @@
 #include "lowrank/edit/perfusion.hpp"
 #include "lowrank/edit/rome.hpp"
 #include "lowrank/optim/adam.hpp"
+#include "lowrank/optim/block.hpp"
 #include "lowrank/optim/projector.hpp"
 #include "lowrank/optim/prune.hpp"
 #include "lowrank/optim/schedule.hpp"

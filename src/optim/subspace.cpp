@@ -12,6 +12,7 @@
 #include "lowrank/core/threading.hpp"
 #include "lowrank/kernels/rank_update.hpp"
 #include "lowrank/linalg/svd.hpp"
+#include "common-inl.hpp"
 
 #if defined(LOWRANK_HAVE_OPENMP)
 #include <omp.h>
@@ -22,6 +23,7 @@ LOWRANK_BEGIN_NAMESPACE
 namespace optim {
 
 using detail::fail;
+using internal::first_nonfinite;
 
 namespace {
 
@@ -30,26 +32,6 @@ namespace {
 constexpr Index kProjectChunk = 256;
 
 const char* side_name(Side s) { return s == Side::left ? "left" : "right"; }
-
-// First (row, col) of a non-finite entry, or (-1, -1).
-std::pair<Index, Index> first_nonfinite(MatrixView<const float> G) {
-  for (Index i = 0; i < G.rows; ++i) {
-    if (G.col_stride == 1) {
-      // Exponent bits all ones <=> NaN or infinity; an OR over the row vectorizes.
-      const float* row = &G(i, 0);
-      unsigned bad = 0;
-      for (Index j = 0; j < G.cols; ++j) {
-        std::uint32_t b;
-        std::memcpy(&b, row + j, sizeof b);
-        bad |= static_cast<unsigned>((b & 0x7f800000u) == 0x7f800000u);
-      }
-      if (bad == 0) continue;
-    }
-    for (Index j = 0; j < G.cols; ++j)
-      if (!std::isfinite(G(i, j))) return {i, j};
-  }
-  return {-1, -1};
-}
 
 bool all_finite(const RowMatrix<float>& M) {
   const float* p = M.data();
@@ -282,18 +264,8 @@ double Projector::refresh(MatrixView<const float> G, const BasisOptions& options
       break;
     }
     case BasisMethod::coordinates: {
-      // Partial Fisher-Yates driven by Philox: the first r entries of a random permutation.
-      const RandomStream rng(options.seed, refresh);
-      std::vector<Index> perm(static_cast<std::size_t>(len));
-      std::iota(perm.begin(), perm.end(), Index{0});
-      for (Index k = 0; k < rank_; ++k) {
-        const std::uint64_t span = static_cast<std::uint64_t>(len - k);
-        const std::uint64_t wide = (static_cast<std::uint64_t>(rng.bits(2 * static_cast<std::uint64_t>(k))) << 32) |
-                                   rng.bits(2 * static_cast<std::uint64_t>(k) + 1);
-        const auto pick = static_cast<Index>(k + static_cast<Index>(wide % span));
-        std::swap(perm[static_cast<std::size_t>(k)], perm[static_cast<std::size_t>(pick)]);
-      }
-      perm.resize(static_cast<std::size_t>(rank_));
+      // The first r entries of a random permutation (partial Fisher-Yates driven by Philox).
+      std::vector<Index> perm = internal::random_subset(options.seed, refresh, len, rank_);
       std::sort(perm.begin(), perm.end());
       indices_ = std::move(perm);
       basis_.resize(0, 0);
