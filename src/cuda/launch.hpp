@@ -82,5 +82,14 @@ int launch_noise_factors(const es::NoiseKey& key, std::uint32_t index, float* a,
                          std::int64_t a_cs, float* b, std::int64_t in, std::int64_t b_rs, std::int64_t b_cs,
                          std::int64_t rank, cudaStream_t stream);
 
+// Randomized SVD helpers (svd_kernels.cu): omega[i] = RandomStream(seed, stream_id).normal(i)
+// for i < count; m (l x l col-major fp64) = the transpose of the upper triangle of r (col-major
+// fp32, leading dimension ldr), zeros above the diagonal; out = (float) in, both col-major.
+int launch_fill_normal(float* omega, std::uint64_t count, std::uint64_t seed, std::uint64_t stream_id,
+                       cudaStream_t stream);
+int launch_upper_transposed(const float* r, std::int64_t ldr, double* m, std::int64_t l, cudaStream_t stream);
+int launch_narrow(const double* in, std::int64_t ldi, float* out, std::int64_t ldo, std::int64_t rows,
+                  std::int64_t cols, cudaStream_t stream);
+
 }  // namespace cuda::detail
 LOWRANK_END_NAMESPACE

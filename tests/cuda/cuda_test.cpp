@@ -1,6 +1,6 @@
 // lowrank::cuda against the CPU implementation: rank update (bitwise on FMA targets), LoRA forward
-// (to rounding), EGGROLL forward (float64 host reference from es::noise_normal) and the noise
-// itself (bitwise). Random inputs, outputs poisoned with NaN, awkward sizes. Without a device the
+// (to rounding), EGGROLL forward (float64 host reference from es::noise_normal), the noise
+// itself (bitwise) and the randomized SVD (against linalg::truncated_svd with the same test matrix). Random inputs, outputs poisoned with NaN, awkward sizes. Without a device the
 // GPU tests skip with the runtime's reason; the argument checks that need no device still run.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -18,10 +18,12 @@
 #include "lowrank/cuda/eggroll.hpp"
 #include "lowrank/cuda/lora_forward.hpp"
 #include "lowrank/cuda/rank_update.hpp"
+#include "lowrank/cuda/svd.hpp"
 #include "lowrank/es/noise.hpp"
 #include "lowrank/kernels/lora_forward.hpp"
 #include "lowrank/kernels/rank_update.hpp"
 #include "lowrank/kernels/targets.hpp"
+#include "lowrank/linalg/svd.hpp"
 
 namespace {
 
@@ -454,6 +456,179 @@ TEST(CudaEggroll, BadArgumentsThrow) {
   pop.member0 = 0;
   pop.sigma = NAN;
   EXPECT_THROW(lowrank::cuda::eggroll_forward<float>(x, w, pop, y), lowrank::Error);
+}
+
+// ---- randomized SVD -----------------------------------------------------------------------------
+
+// m x n with singular values about 0.8^i (32 directions) plus noise of 1e-3: well-separated
+// leading singular values, so singular vectors are comparable up to sign.
+lowrank::ColMatrix<float> decaying(std::int64_t m, std::int64_t n, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  Eigen::MatrixXf A = Eigen::MatrixXf::Zero(m, n);
+  for (int i = 0; i < 32; ++i) {
+    Eigen::VectorXf u(m), v(n);
+    for (auto& x : u) x = dist(rng);
+    for (auto& x : v) x = dist(rng);
+    A += (std::pow(0.8f, static_cast<float>(i)) / std::sqrt(static_cast<float>(m * n))) * u * v.transpose();
+  }
+  for (std::int64_t j = 0; j < n; ++j)
+    for (std::int64_t i = 0; i < m; ++i) A(i, j) += 1e-3f * dist(rng) / std::sqrt(static_cast<float>(m + n));
+  return A;
+}
+
+struct DeviceSvdResult {
+  Eigen::MatrixXf U, V;
+  Eigen::VectorXf S;
+};
+
+// Uploads A (row- or column-major), runs cuda::truncated_svd with NaN-poisoned outputs.
+DeviceSvdResult device_svd(const lowrank::ColMatrix<float>& A, std::int64_t k, bool row_major,
+                           const lowrank::cuda::DeviceSvdOptions& o) {
+  namespace lc = lowrank::cuda;
+  const std::int64_t m = A.rows(), n = A.cols();
+  std::vector<float> h(static_cast<std::size_t>(m * n));
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t j = 0; j < n; ++j) h[static_cast<std::size_t>(row_major ? i * n + j : j * m + i)] = A(i, j);
+  Buffer<float> a(h.size()), u(static_cast<std::size_t>(m * k)), s(static_cast<std::size_t>(k)),
+      v(static_cast<std::size_t>(n * k));
+  a.upload(h);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  u.upload(std::vector<float>(u.n, nan));
+  s.upload(std::vector<float>(s.n, nan));
+  v.upload(std::vector<float>(v.n, nan));
+  const std::size_t bytes = lc::truncated_svd_workspace_bytes(m, n, k, o);
+  Buffer<unsigned char> ws(bytes);
+  const auto A_view = row_major ? lc::device_row_major<const float>(a.p, m, n) : lc::device_col_major<const float>(a.p, m, n);
+  // U row-major, V column-major, S a column: every output layout the GEMM helper handles.
+  lc::truncated_svd(A_view, lc::device_row_major(u.p, m, k), lc::device_col_major(s.p, k, 1),
+                    lc::device_col_major(v.p, n, k), ws.p, bytes, o, nullptr);
+  DeviceSvdResult r;
+  const std::vector<float> hu = u.download(), hs = s.download(), hv = v.download();
+  r.U = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(hu.data(), m, k);
+  r.S = Eigen::Map<const Eigen::VectorXf>(hs.data(), k);
+  r.V = Eigen::Map<const Eigen::MatrixXf>(hv.data(), n, k);
+  return r;
+}
+
+TEST(CudaSvd, MatchesTheCpuRandomizedSvdOnBothOrientationsAndLayouts) {
+  REQUIRE_GPU();
+  const std::int64_t k = 12;
+  for (const auto& [m, n] : {std::pair<std::int64_t, std::int64_t>{300, 200}, {200, 300}, {257, 257}})
+    for (const bool row_major : {true, false}) {
+      SCOPED_TRACE(std::to_string(m) + "x" + std::to_string(n) + (row_major ? " row-major" : " column-major"));
+      const lowrank::ColMatrix<float> A = decaying(m, n, static_cast<std::uint64_t>(m * 7 + n));
+      lowrank::linalg::SvdOptions co;
+      co.method = lowrank::linalg::SvdMethod::randomized;
+      co.oversample = 10;
+      co.power_iterations = 2;
+      co.seed = 7;
+      co.stream = 3;
+      const auto cpu = lowrank::linalg::truncated_svd(A, k, co);
+      lowrank::cuda::DeviceSvdOptions go;
+      go.oversample = 10;
+      go.power_iterations = 2;
+      go.seed = 7;
+      go.stream = 3;
+      const DeviceSvdResult gpu = device_svd(A, k, row_major, go);
+      ASSERT_TRUE(gpu.U.allFinite() && gpu.S.allFinite() && gpu.V.allFinite());
+      // The same test matrix and algorithm: the same singular values up to fp32 rounding of the
+      // products, and the same singular vectors up to sign.
+      for (std::int64_t j = 0; j < k; ++j) {
+        EXPECT_NEAR(gpu.S(j), cpu.S(j), 1e-4 * cpu.S(0)) << j;
+        EXPECT_GT(std::abs(gpu.U.col(j).dot(cpu.U.col(j))), 0.999f) << j;
+        EXPECT_GT(std::abs(gpu.V.col(j).dot(cpu.V.col(j))), 0.999f) << j;
+        if (j > 0) {
+          EXPECT_LE(gpu.S(j), gpu.S(j - 1));
+        }
+      }
+      const Eigen::MatrixXf I = Eigen::MatrixXf::Identity(k, k);
+      EXPECT_LT((gpu.U.transpose() * gpu.U - I).cwiseAbs().maxCoeff(), 1e-4f);
+      EXPECT_LT((gpu.V.transpose() * gpu.V - I).cwiseAbs().maxCoeff(), 1e-4f);
+      // An orthogonal projection of A: ||A - U S V^T||^2 = ||A||^2 - sum S^2 (in double).
+      const Eigen::MatrixXd Ad = A.cast<double>();
+      const Eigen::MatrixXd R = Ad - gpu.U.cast<double>() * gpu.S.cast<double>().asDiagonal() * gpu.V.cast<double>().transpose();
+      EXPECT_NEAR(R.squaredNorm(), Ad.squaredNorm() - gpu.S.cast<double>().squaredNorm(), 1e-4 * Ad.squaredNorm());
+    }
+}
+
+TEST(CudaSvd, QOverridesTheOversampleAndZeroPowerIterationsRun) {
+  REQUIRE_GPU();
+  const lowrank::ColMatrix<float> A = decaying(180, 140, 91);
+  lowrank::linalg::SvdOptions co;
+  co.method = lowrank::linalg::SvdMethod::randomized;
+  co.q = 20;
+  co.power_iterations = 0;
+  const auto cpu = lowrank::linalg::truncated_svd(A, 8, co);
+  lowrank::cuda::DeviceSvdOptions go;
+  go.q = 20;
+  go.power_iterations = 0;
+  const DeviceSvdResult gpu = device_svd(A, 8, false, go);
+  for (int j = 0; j < 8; ++j) EXPECT_NEAR(gpu.S(j), cpu.S(j), 1e-4 * cpu.S(0)) << j;
+}
+
+TEST(CudaSvd, BadArgumentsThrowBeforeAnyDeviceCall) {
+  // Found before any device call: these run without a GPU too.
+  namespace lc = lowrank::cuda;
+  auto* fake = reinterpret_cast<float*>(std::uintptr_t{1} << 24);
+  const auto A = lc::device_row_major<const float>(fake, 40, 30);
+  const auto U = lc::device_row_major<float>(fake + 4096, 40, 5);
+  const auto S = lc::device_col_major<float>(fake + 8192, 5, 1);
+  const auto V = lc::device_col_major<float>(fake + 12288, 30, 5);
+  void* ws = fake + 65536;
+  const auto message = [&](auto&& call) {
+    try {
+      call();
+    } catch (const lowrank::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message([&] { lc::truncated_svd(A, lc::device_row_major<float>(fake + 4096, 39, 5), S, V, ws, 1 << 20); })
+                .find("U is 39x5 but A is 40x30"),
+            std::string::npos);
+  EXPECT_NE(message([&] { lc::truncated_svd(A, U, S, lc::device_col_major<float>(fake + 12288, 30, 4), ws, 1 << 20); })
+                .find("V is 30x4; it must be 30x5"),
+            std::string::npos);
+  EXPECT_NE(message([&] { lc::truncated_svd(A, U, lc::device_col_major<float>(fake + 8192, 5, 2), V, ws, 1 << 20); })
+                .find("S is 5x2"),
+            std::string::npos);
+  EXPECT_NE(message([&] {
+              lc::truncated_svd(A, lc::device_row_major<float>(fake + 4096, 40, 31), lc::device_col_major<float>(fake + 8192, 31, 1),
+                                lc::device_col_major<float>(fake + 12288, 30, 31), ws, 1 << 20);
+            }).find("rank is 31"),
+            std::string::npos);
+  lc::DeviceSvdOptions o;
+  o.q = 3;
+  EXPECT_NE(message([&] { lc::truncated_svd(A, U, S, V, ws, 1 << 20, o); }).find("options.q is 3"), std::string::npos);
+  o = {};
+  o.power_iterations = -1;
+  EXPECT_NE(message([&] { lc::truncated_svd(A, U, S, V, ws, 1 << 20, o); }).find("power_iterations"), std::string::npos);
+  EXPECT_NE(message([&] { lc::truncated_svd(A, U, S, V, nullptr, 1 << 20); }).find("workspace is null"), std::string::npos);
+  EXPECT_NE(message([&] { lc::truncated_svd(A, U, S, V, fake + 65537, 1 << 20); }).find("aligned"), std::string::npos);
+  EXPECT_NE(message([&] { lc::truncated_svd(A, lc::device_row_major<float>(fake + 100, 40, 5), S, V, ws, 1 << 20); })
+                .find("overlaps A"),
+            std::string::npos);
+  EXPECT_NE(message([&] { lc::truncated_svd(A, U, S, lc::device_col_major<float>(fake + 65536 + 64, 30, 5), ws, 1 << 20); })
+                .find("V overlaps the workspace"),
+            std::string::npos);
+  EXPECT_NE(message([&] { (void)lc::truncated_svd_workspace_bytes(40, 30, 0); }).find("rank is 0"), std::string::npos);
+}
+
+TEST(CudaSvd, SmallWorkspaceAndHostPointersAreRejected) {
+  REQUIRE_GPU();
+  namespace lc = lowrank::cuda;
+  Buffer<float> a(40 * 30), u(40 * 5), s(5), v(30 * 5);
+  const std::size_t bytes = lc::truncated_svd_workspace_bytes(40, 30, 5);
+  Buffer<unsigned char> ws(bytes);
+  const auto A = lc::device_row_major<const float>(a.p, 40, 30);
+  EXPECT_THROW(lc::truncated_svd(A, lc::device_row_major(u.p, 40, 5), lc::device_col_major(s.p, 5, 1),
+                                 lc::device_col_major(v.p, 30, 5), ws.p, bytes - 256),
+               lowrank::Error);
+  std::vector<float> host(40 * 5);
+  EXPECT_THROW(lc::truncated_svd(A, lc::device_row_major(host.data(), 40, 5), lc::device_col_major(s.p, 5, 1),
+                                 lc::device_col_major(v.p, 30, 5), ws.p, bytes),
+               lowrank::Error);
 }
 
 TEST(CudaDevice, AvailabilityReportsAReason) {
