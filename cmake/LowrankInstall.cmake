@@ -35,7 +35,7 @@ if(LOWRANK_ENABLE_MPI)
 endif()
 
 # lowrank::cuda likewise (LOWRANK_ENABLE_CUDA): loaded by the package config when the consumer
-# finds the CUDA toolkit (its static library links cudart and cuBLAS).
+# finds the CUDA toolkit (its static library links cudart, cuBLAS and cuSOLVER).
 if(LOWRANK_ENABLE_CUDA)
   install(TARGETS lowrank_cuda EXPORT lowrank-cuda-targets
     ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}

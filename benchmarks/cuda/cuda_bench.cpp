@@ -1,6 +1,7 @@
 // GPU benchmarks of lowrank::cuda against the device's own limits, in one run: the rank update
 // against a device-to-device copy of the same bytes, the fused LoRA forward and the EGGROLL
-// population forward against the cuBLAS base GEMM alone. cudaEvent timing, medians of batches
+// population forward against the cuBLAS base GEMM alone, and the randomized SVD (time and
+// captured energy; scripts/gpu_torch_baselines.py times torch.svd_lowrank on the same recipe). cudaEvent timing, medians of batches
 // (several launches per batch for short kernels), inputs rotated among several copies so that
 // the 50 MB L2 does not hold them across repetitions. Prints a table and writes JSON lines
 // (argv[1], default cuda_bench.json).
@@ -20,6 +21,7 @@
 #include "lowrank/cuda/eggroll.hpp"
 #include "lowrank/cuda/lora_forward.hpp"
 #include "lowrank/cuda/rank_update.hpp"
+#include "lowrank/cuda/svd.hpp"
 
 namespace {
 
@@ -256,6 +258,57 @@ void bench_eggroll(const char* type, std::int64_t d, std::int64_t n, std::int64_
   }
 }
 
+// Randomized SVD of an m x n fp32 matrix with 512 directions of weights 1 / (1 + i / 16) plus
+// small noise (the recipe of scripts/gpu_torch_baselines.py): time per call (it synchronizes, so
+// no graph) and the captured energy sum(S^2) / ||A||^2.
+void bench_svd(std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t q, int niter) {
+  constexpr std::int64_t kDirections = 512;
+  auto* a = static_cast<float*>(dalloc(static_cast<std::size_t>(m * n) * 4));
+  auto* u0 = static_cast<float*>(dalloc(static_cast<std::size_t>(m * kDirections) * 4));
+  auto* v0 = static_cast<float*>(dalloc(static_cast<std::size_t>(n * kDirections) * 4));
+  fill(u0, static_cast<std::size_t>(m * kDirections), 1.0f, 70);
+  fill(v0, static_cast<std::size_t>(n * kDirections), 1.0f, 71);
+  fill(a, static_cast<std::size_t>(m * n), 1e-2f / std::sqrt(static_cast<float>(m * n)), 72);
+  {  // u0 columns scaled by w_i / sqrt(m n) on the host side of the upload, then A += U0 V0^T.
+    std::vector<float> h(static_cast<std::size_t>(m * kDirections));
+    ck(cudaMemcpy(h.data(), u0, h.size() * 4, cudaMemcpyDeviceToHost), "download");
+    for (std::int64_t i = 0; i < m; ++i)
+      for (std::int64_t j = 0; j < kDirections; ++j)
+        h[static_cast<std::size_t>(i * kDirections + j)] *=
+            static_cast<float>(1.0 / (1.0 + static_cast<double>(j) / 16.0) / std::sqrt(static_cast<double>(m * n)));
+    ck(cudaMemcpy(u0, h.data(), h.size() * 4, cudaMemcpyHostToDevice), "upload");
+    lc::rank_update<float>(lc::device_row_major(a, m, n), lc::device_row_major<const float>(u0, m, kDirections),
+                           lc::device_row_major<const float>(v0, n, kDirections), 1.0, {}, g_stream);
+    ck(cudaStreamSynchronize(g_stream), "build A");
+  }
+  auto* u = static_cast<float*>(dalloc(static_cast<std::size_t>(m * k) * 4));
+  auto* v = static_cast<float*>(dalloc(static_cast<std::size_t>(n * k) * 4));
+  auto* s = static_cast<float*>(dalloc(static_cast<std::size_t>(k) * 4));
+  lc::DeviceSvdOptions o;
+  o.q = q;
+  o.power_iterations = niter;
+  const std::size_t bytes = lc::truncated_svd_workspace_bytes(m, n, k, o);
+  void* ws = dalloc(bytes);
+  const auto call = [&](int) {
+    lc::truncated_svd(lc::device_row_major<const float>(a, m, n), lc::device_col_major(u, m, k),
+                      lc::device_col_major(s, k, 1), lc::device_col_major(v, n, k), ws, bytes, o, g_stream);
+  };
+  const double ms = time_ms(call, 1, 9, false);
+  std::vector<float> hs(static_cast<std::size_t>(k)), ha(static_cast<std::size_t>(m * n));
+  ck(cudaMemcpy(hs.data(), s, hs.size() * 4, cudaMemcpyDeviceToHost), "download S");
+  ck(cudaMemcpy(ha.data(), a, ha.size() * 4, cudaMemcpyDeviceToHost), "download A");
+  double captured = 0, total = 0;
+  for (float x : hs) captured += static_cast<double>(x) * x;
+  for (float x : ha) total += static_cast<double>(x) * x;
+  const double energy = captured / total;
+  record("truncated_svd fp32 " + std::to_string(m) + "x" + std::to_string(n) + " k=" + std::to_string(k) +
+             " q=" + std::to_string(q) + " niter=" + std::to_string(niter),
+         ms, ms, "(itself)", energy, "captured energy of the top k");
+  for (void* p : {static_cast<void*>(a), static_cast<void*>(u0), static_cast<void*>(v0), static_cast<void*>(u),
+                  static_cast<void*>(v), static_cast<void*>(s), ws})
+    cudaFree(p);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -290,6 +343,7 @@ int main(int argc, char** argv) {
   bench_eggroll<bf16>("bf16", 4096, 2048, 1);
   bench_eggroll<bf16>("bf16", 4096, 2048, 4);
   bench_eggroll<float>("fp32", 4096, 2048, 1);
+  bench_svd(4096, 4096, 128, 138, 2);
   if (json != nullptr) std::fclose(json);
   return 0;
 }
