@@ -17,6 +17,7 @@
 
 #include "lowrank/cuda/eggroll.hpp"
 #include "lowrank/cuda/lora_forward.hpp"
+#include "lowrank/cuda/projection.hpp"
 #include "lowrank/cuda/rank_update.hpp"
 #include "lowrank/cuda/svd.hpp"
 #include "lowrank/es/noise.hpp"
@@ -456,6 +457,96 @@ TEST(CudaEggroll, BadArgumentsThrow) {
   pop.member0 = 0;
   pop.sigma = NAN;
   EXPECT_THROW(lowrank::cuda::eggroll_forward<float>(x, w, pop, y), lowrank::Error);
+}
+
+// ---- projections ---------------------------------------------------------------------------------
+
+// A host matrix in a device buffer, row- or column-major.
+struct DeviceCopy {
+  Buffer<float> buf;
+  std::int64_t rows, cols;
+  bool row_major;
+  DeviceCopy(const Eigen::MatrixXf& M, bool rm)
+      : buf(static_cast<std::size_t>(std::max<Eigen::Index>(M.size(), 1))), rows(M.rows()), cols(M.cols()), row_major(rm) {
+    std::vector<float> h(buf.n);
+    for (std::int64_t i = 0; i < rows; ++i)
+      for (std::int64_t j = 0; j < cols; ++j) h[static_cast<std::size_t>(rm ? i * cols + j : j * rows + i)] = M(i, j);
+    buf.upload(h);
+  }
+  DeviceMatrix<float> view() {
+    return row_major ? lowrank::cuda::device_row_major(buf.p, rows, cols) : lowrank::cuda::device_col_major(buf.p, rows, cols);
+  }
+  Eigen::MatrixXf host() const {
+    const std::vector<float> h = buf.download();
+    Eigen::MatrixXf M(rows, cols);
+    for (std::int64_t i = 0; i < rows; ++i)
+      for (std::int64_t j = 0; j < cols; ++j) M(i, j) = h[static_cast<std::size_t>(row_major ? i * cols + j : j * rows + i)];
+    return M;
+  }
+};
+
+TEST(CudaProjection, ProjectAndBackProjectMatchTheCpuProjectorOnBothSidesAndLayouts) {
+  REQUIRE_GPU();
+  using lowrank::optim::Side;
+  for (const auto& [m, n] : {std::pair<std::int64_t, std::int64_t>{70, 45}, {45, 70}, {64, 64}})
+    for (const Side side : {Side::left, Side::right})
+      for (const bool rm : {true, false}) {
+        SCOPED_TRACE(std::to_string(m) + "x" + std::to_string(n) + (side == Side::left ? " left" : " right") +
+                     (rm ? " row-major" : " column-major"));
+        const std::int64_t r = 9, len = side == Side::left ? m : n;
+        lowrank::optim::Projector p(m, n, r, side);
+        lowrank::ColMatrix<float> basis = Eigen::MatrixXf::Random(len, r);
+        lowrank::linalg::detail::orthonormalize_columns(basis);
+        p.set_basis(basis);
+        const lowrank::RowMatrix<float> G = Eigen::MatrixXf::Random(m, n);
+        lowrank::RowMatrix<float> R_cpu;
+        p.project({G.data(), m, n, n, 1}, R_cpu);
+        DeviceCopy g(G, rm), q(basis, !rm), R(Eigen::MatrixXf::Constant(R_cpu.rows(), R_cpu.cols(), NAN), rm);
+        lowrank::cuda::project(g.view(), q.view(), side, R.view());
+        const Eigen::MatrixXf R_gpu = R.host();
+        EXPECT_LT((R_gpu - Eigen::MatrixXf(R_cpu)).cwiseAbs().maxCoeff(), 1e-5f * (1 + R_cpu.cwiseAbs().maxCoeff()));
+        // W += alpha back(N) against the CPU's add_back.
+        const lowrank::RowMatrix<float> Nm = Eigen::MatrixXf::Random(R_cpu.rows(), R_cpu.cols());
+        lowrank::RowMatrix<float> W_cpu = Eigen::MatrixXf::Random(m, n);
+        DeviceCopy w(W_cpu, !rm), nn(Nm, rm);
+        p.add_back({W_cpu.data(), m, n, n, 1}, Nm, -0.75);
+        lowrank::cuda::back_project(w.view(), nn.view(), q.view(), side, -0.75);
+        EXPECT_LT((w.host() - Eigen::MatrixXf(W_cpu)).cwiseAbs().maxCoeff(), 1e-5f);
+      }
+}
+
+TEST(CudaProjection, BadArgumentsThrowBeforeAnyDeviceCall) {
+  namespace lc = lowrank::cuda;
+  using lowrank::optim::Side;
+  auto* fake = reinterpret_cast<float*>(std::uintptr_t{1} << 26);
+  const auto G = lc::device_row_major<const float>(fake, 40, 30);
+  const auto Q = lc::device_col_major<const float>(fake + 4096, 30, 5);
+  const auto R = lc::device_row_major<float>(fake + 8192, 40, 5);
+  const auto what = [](auto&& call) {
+    try {
+      call();
+    } catch (const lowrank::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(what([&] { lc::project(G, Q, Side::left, R); }).find("basis is 30x5; for the left side of a 40x30 matrix it must have 40 rows"),
+            std::string::npos);
+  EXPECT_NE(what([&] { lc::project(G, Q, Side::right, lc::device_row_major<float>(fake + 8192, 40, 4)); })
+                .find("R is 40x4; it must be 40x5"),
+            std::string::npos);
+  EXPECT_NE(what([&] { lc::project(G, Q, Side::right, lc::device_row_major<float>(fake + 10, 40, 5)); }).find("overlaps G"),
+            std::string::npos);
+  const auto W = lc::device_row_major<float>(fake + 16384, 40, 30);
+  const auto N = lc::device_row_major<const float>(fake + 8192, 40, 5);
+  EXPECT_NE(what([&] { lc::back_project(W, N, Q, Side::right, std::nan("")); }).find("alpha is nan"), std::string::npos);
+  EXPECT_NE(what([&] { lc::back_project(W, N, Q, Side::left, 1.0); }).find("basis is 30x5"), std::string::npos);
+  EXPECT_NE(what([&] { lc::back_project(lc::device_row_major<float>(fake + 8200, 40, 30), N, Q, Side::right, 1.0); })
+                .find("overlaps N"),
+            std::string::npos);
+  EXPECT_NE(what([&] { lc::project(G, lc::device_col_major<const float>(fake + 4096, 30, 0), Side::right, R); })
+                .find("the rank must be at least 1"),
+            std::string::npos);
 }
 
 // ---- randomized SVD -----------------------------------------------------------------------------
