@@ -908,8 +908,10 @@ TEST(FrugalBlocks, WindowsFollowTheReferenceOrders) {
   EXPECT_EQ(windows_of(7, 0.3, BlockOrder::mirror, 4), (W{{0, 6}, {1, 5}, {2, 4}, {0, 6}}));
   // L = 8, k = 4: mirror pairs over the half 0..3.
   EXPECT_EQ(windows_of(8, 0.5, BlockOrder::mirror, 3), (W{{0, 7, 1, 6}, {2, 5, 3, 4}, {0, 7, 1, 6}}));
-  // Full density: every block, every time.
+  // Full density: every block, every time; one block; no active block.
   EXPECT_EQ(windows_of(3, 1.0, BlockOrder::descending, 2), (W{{2, 1, 0}, {2, 1, 0}}));
+  EXPECT_EQ(windows_of(1, 1.0, BlockOrder::ascending, 2), (W{{0}, {0}}));
+  EXPECT_EQ(windows_of(4, 0.1, BlockOrder::mirror, 2), (W{{}, {}}));
   // Random: k distinct blocks per switch, reproducible from the seed, every block visited.
   const W r1 = windows_of(9, 1.0 / 3, BlockOrder::random, 12), r2 = windows_of(9, 1.0 / 3, BlockOrder::random, 12);
   EXPECT_EQ(r1, r2);
@@ -1045,7 +1047,7 @@ TEST(FrugalBlocks, StridedViewsAndThreadCountsGiveTheSameBits) {
 
 TEST(FrugalBlocks, StateBytesMatchAllocationsAndTheLargestWindow) {
   const std::vector<BlockShape> shapes = {{10, 10}, {3, 4}, {20, 5}, {1, 8}, {6, 6}};
-  for (const auto order : {BlockOrder::ascending, BlockOrder::descending, BlockOrder::random}) {
+  for (const auto order : {BlockOrder::ascending, BlockOrder::descending, BlockOrder::mirror, BlockOrder::random}) {
     SCOPED_TRACE(static_cast<int>(order));
     BlockConfig c;
     c.density = 0.4;  // k = 2
@@ -1064,7 +1066,8 @@ TEST(FrugalBlocks, StateBytesMatchAllocationsAndTheLargestWindow) {
       most = std::max(most, allocated);
     }
     // Largest pair: 10x10 and 20x5 (100 elements each) = 2 x 2 x 200 x 4 bytes, reachable by
-    // random; the cyclic windows over 5 blocks visit {0,1},{2,3},{4,0},{1,2},{3,4} (ascending).
+    // random; the cyclic windows over 5 blocks visit {0,1},{2,3},{4,0},{1,2},{3,4} (ascending),
+    // mirror only {0,4},{1,3}.
     const std::size_t bound = BlockOptimizer::state_bytes_for(shapes, c);
     if (order == BlockOrder::random) {
       EXPECT_EQ(bound, 2u * 200u * 4u);
@@ -1128,6 +1131,32 @@ TEST(FrugalBlocks, BadInputIsRejectedAndLeavesEverythingUnchanged) {
     EXPECT_EQ(W, W0);
     EXPECT_EQ(opt.steps(), 1);
   }
+
+  // Errors on a switch step (gap 1) and an lr whose step sizes overflow fp32: nothing changes,
+  // not even the window.
+  BlockConfig c = frugal_block_config(0.5, BlockOrder::ascending);
+  c.update_gap = 1;
+  c.active_lr_scale = 1e30;
+  BlockOptimizer opt(shapes, c);
+  std::vector<RowMatrix<float>> W = randn_group(shapes, 90);
+  opt.step(views(W), cviews(randn_group(shapes, 730)), 1e-3);
+  const std::vector<RowMatrix<float>> W0 = W;
+  const std::vector<Index> window = opt.active_blocks();
+  const AdamState s0 = opt.state(window[0]);
+  std::vector<RowMatrix<float>> G = randn_group(shapes, 740);
+  const std::string e = error_of([&] { opt.step(views(W), cviews(G), 1e10); });
+  EXPECT_NE(e.find("BlockOptimizer::step: lr is 10000000000: with active_lr_scale 1e+30"), std::string::npos) << e;
+  EXPECT_NE(e.find("do not fit in fp32"), std::string::npos) << e;
+  G[0](0, 0) = std::numeric_limits<float>::infinity();
+  EXPECT_NE(error_of([&] { opt.step(views(W), cviews(G), 1e-3); }).find("block 0: G (4x3) has a non-finite"),
+            std::string::npos);
+  EXPECT_EQ(W, W0);
+  EXPECT_EQ(opt.active_blocks(), window);
+  EXPECT_EQ(opt.switches(), 1);
+  EXPECT_EQ(opt.steps(), 1);
+  EXPECT_EQ(opt.state(window[0]).m, s0.m);
+  EXPECT_EQ(opt.state(window[0]).v, s0.v);
+  EXPECT_EQ(opt.state(window[0]).step, s0.step);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <utility>
 
 #include "common-inl.hpp"
@@ -118,8 +119,10 @@ void inactive_rows(MatrixView<float> W, MatrixView<const float> G, Index i0, Ind
   }
 }
 
-// Calls body(i0, i1) over row slices of a rows x cols block, on several threads when it is large.
-void for_row_slices(Index rows, Index cols, const std::function<void(Index, Index)>& body) {
+// Calls body(i0, i1) over row slices of a rows x cols block, on several threads when it is large
+// (a template: a std::function of the callers' lambdas would allocate on every call).
+template <class Body>
+void for_row_slices(Index rows, Index cols, const Body& body) {
   const int threads = rows * cols >= kThreadedElements ? std::max(1, num_threads()) : 1;
   const Index slices = std::min<Index>(threads, rows);
   if (slices <= 1) {
@@ -247,6 +250,17 @@ BlockStepReport BlockOptimizer::step(std::span<const MatrixView<float>> W, std::
         G[i].row_stride <= 0 || G[i].col_stride <= 0)
       fail(fn, "block {} ({}x{}): W or G has a null pointer or strides that are not positive", b, s.rows, s.cols);
   }
+  // Every scalar the kernels use must fit in fp32 (a finite lr times a finite scale can overflow):
+  // checked here, before anything changes. The Adam step size is at most lr_a / (1 - beta1).
+  const double lr_a = lr * config_.active_lr_scale;
+  const double lr_f = lr_a * config_.inactive_lr_scale;
+  const double decay = lr * config_.adam.weight_decay;
+  const double step_bound = config_.adam.bias_correction ? lr_a / (1 - config_.adam.beta1) : lr_a;
+  constexpr double kFloatMax = std::numeric_limits<float>::max();
+  if (!(lr_a <= kFloatMax && lr_f <= kFloatMax && decay <= kFloatMax && step_bound <= kFloatMax))
+    fail(fn, "lr is {}: with active_lr_scale {}, inactive_lr_scale {} and weight_decay {} the step sizes ({}, {}, "
+         "decay {}) do not fit in fp32", lr, config_.active_lr_scale, config_.inactive_lr_scale,
+         config_.adam.weight_decay, step_bound, lr_f, decay);
   BlockStepReport report;
   for (Index b = 0; b < count; ++b) {
     const auto i = static_cast<std::size_t>(b);
@@ -287,15 +301,14 @@ BlockStepReport BlockOptimizer::step(std::span<const MatrixView<float>> W, std::
   }
 
   // 2-3. Decay and the update, block by block.
-  const double lr_a = lr * config_.active_lr_scale;
   Coefficients k;
   k.b1 = static_cast<float>(config_.adam.beta1);
   k.c1 = static_cast<float>(1 - config_.adam.beta1);
   k.b2 = static_cast<float>(config_.adam.beta2);
   k.c2 = static_cast<float>(1 - config_.adam.beta2);
-  k.lr_f = static_cast<float>(lr_a * config_.inactive_lr_scale);
+  k.lr_f = static_cast<float>(lr_f);
   k.rule = config_.inactive;
-  k.decay = static_cast<float>(lr * config_.adam.weight_decay);
+  k.decay = static_cast<float>(decay);
   k.before = config_.adam.decay == DecayPlacement::before_update;
   for (Index b = 0; b < count; ++b) {
     const auto i = static_cast<std::size_t>(b);
@@ -311,7 +324,7 @@ BlockStepReport BlockOptimizer::step(std::span<const MatrixView<float>> W, std::
       float* m = st.m.data();
       float* v = st.v.data();
       for_row_slices(Wb.rows, Wb.cols, [&](Index i0, Index i1) { active_rows(Wb, Gb, m, v, i0, i1, ka); });
-    } else {
+    } else if (k.rule != ResidualRule::none || k.decay != 0.0f) {  // FRUGAL's 'no' rule: nothing to do
       for_row_slices(Wb.rows, Wb.cols, [&](Index i0, Index i1) { inactive_rows(Wb, Gb, i0, i1, k); });
     }
   }

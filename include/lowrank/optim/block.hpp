@@ -84,9 +84,10 @@ class BlockOptimizer {
   BlockOptimizer(std::vector<BlockShape> shapes, const BlockConfig& config);
 
   /// One step over the whole group: `W[i]` and `G[i]` are block i's weight and gradient (any
-  /// strides), in the order of the shapes given at construction.
-  /// \throws Error (every W and the state unchanged) on a count or shape mismatch, a null view,
-  ///   a negative or non-finite lr, or a non-finite gradient under `NonFinitePolicy::error`.
+  /// positive strides), in the order of the shapes given at construction.
+  /// \throws Error (every W and the state unchanged) on a count or shape mismatch, a null view or
+  ///   a stride that is not positive, a negative or non-finite lr or one whose step sizes overflow
+  ///   fp32, or a non-finite gradient under `NonFinitePolicy::error`.
   BlockStepReport step(std::span<const MatrixView<float>> W, std::span<const MatrixView<const float>> G, double lr);
 
   [[nodiscard]] Index blocks() const noexcept { return static_cast<Index>(shapes_.size()); }
