@@ -148,7 +148,7 @@ def main():
         tt = res["torch svd_lowrank 4096x4096 q=138 niter=2"]
         te = res["torch svd_lowrank energy k=128"]
         rows.append((key, o["ms"], tt, tt / o["ms"], float("nan"), "speed vs torch.svd_lowrank (>= 1)"))
-        print(f"  (randomized SVD captured energy of the top 128: lowrank {o['ratio']:.6f}, torch.svd_lowrank {te:.6f};"
+        print(f"  (randomized SVD captured energy of the top 128: lowrank {o['ratio']:.8f}, torch.svd_lowrank {te:.8f};"
               f" 'limit' column = torch's ms)")
     for key, ms, lim, ratio, tratio, meaning in rows:
         print(f"{key:46s} {ms:10.4f} {lim:10.4f} {ratio:7.3f} {tratio:7.3f}  {meaning}")

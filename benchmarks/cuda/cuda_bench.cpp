@@ -108,7 +108,7 @@ void record(const std::string& name, double ms, double baseline_ms, const std::s
   std::fflush(stdout);
   if (json != nullptr) {
     std::fprintf(json,
-                 "{\"name\": \"%s\", \"ms\": %.6f, \"baseline\": \"%s\", \"baseline_ms\": %.6f, \"ratio\": %.4f, "
+                 "{\"name\": \"%s\", \"ms\": %.6f, \"baseline\": \"%s\", \"baseline_ms\": %.6f, \"ratio\": %.10g, "
                  "\"ratio_kind\": \"%s\"}\n",
                  name.c_str(), ms, baseline.c_str(), baseline_ms, ratio, ratio_kind.c_str());
     std::fflush(json);

@@ -1,6 +1,7 @@
 // Device projections (include/lowrank/cuda/projection.hpp): validation and one cuBLAS GEMM each.
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "host-inl.hpp"
 #include "lowrank/cuda/projection.hpp"
@@ -49,8 +50,15 @@ void project(DeviceMatrix<const float> G, DeviceMatrix<const float> basis, optim
   check_device(fn, "G", G);
   check_device(fn, "basis", basis);
   check_device(fn, "R", R);
+  if (G.empty()) {  // the projected dimension has length 0: R = 0 (not left to a GEMM with k = 0)
+    const Operand o = operand(DeviceMatrix<const float>(R));
+    const std::size_t width = static_cast<std::size_t>(o.col ? R.rows : R.cols) * sizeof(float);
+    const std::size_t height = static_cast<std::size_t>(o.col ? R.cols : R.rows);
+    check_cuda(fn, cudaMemset2DAsync(R.data, static_cast<std::size_t>(o.ld) * sizeof(float), 0, width, height, stream),
+               "cudaMemset2DAsync");
+    return;
+  }
   cublasHandle_t h = handle_for(fn, stream);
-  // An empty G (the projected dimension of length 0) gives k = 0: cuBLAS then writes R = 0.
   gemm<float>(fn, h, left ? basis.transposed() : G, left ? G : basis, R, 1.0f, 0.0f);
 }
 
@@ -68,7 +76,8 @@ void back_project(DeviceMatrix<float> W, DeviceMatrix<const float> N, DeviceMatr
   if (N.rows != want_rows || N.cols != want_cols)
     fail(fn, "N is {}x{}; it must be {}x{} (W {}x{}, basis {}x{}, {} side)", N.rows, N.cols, want_rows, want_cols,
          W.rows, W.cols, basis.rows, basis.cols, left ? "left" : "right");
-  if (!std::isfinite(alpha)) fail(fn, "alpha is {}; it must be finite (W is {}x{})", alpha, W.rows, W.cols);
+  if (!std::isfinite(alpha) || std::abs(alpha) > std::numeric_limits<float>::max())
+    fail(fn, "alpha is {}; it must be finite in fp32 (W is {}x{})", alpha, W.rows, W.cols);
   if (overlap(W, N)) fail(fn, "W's memory ({}x{}) overlaps N's ({}x{})", W.rows, W.cols, N.rows, N.cols);
   if (overlap(W, basis)) fail(fn, "W's memory ({}x{}) overlaps the basis ({}x{})", W.rows, W.cols, basis.rows, basis.cols);
   if (W.empty() || alpha == 0.0) return;

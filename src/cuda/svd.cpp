@@ -172,6 +172,9 @@ void truncated_svd(DeviceMatrix<const float> A, DeviceMatrix<float> U, DeviceMat
   check_blas_layout(fn, "A", A);
   check_blas_layout(fn, "U", U);
   check_blas_layout(fn, "V", V);
+  // cuBLAS's leading dimensions are 32-bit: checked here, not half-way through the enqueued work.
+  for (const std::int64_t stride : {A.row_stride, A.col_stride, U.row_stride, U.col_stride, V.row_stride, V.col_stride})
+    if (stride > INT_MAX) fail(fn, "a stride of A, U or V ({}) exceeds cuBLAS's 32-bit limit", stride);
   if (overlap(U, V) || overlap(U, S) || overlap(S, V)) fail(fn, "the outputs U, S and V overlap in memory");
   if (overlap(U, A) || overlap(V, A) || overlap(S, A)) fail(fn, "an output (U, S or V) overlaps A's memory");
   if (workspace == nullptr) fail(fn, "workspace is null ({} bytes)", workspace_bytes);
@@ -198,65 +201,73 @@ void truncated_svd(DeviceMatrix<const float> A, DeviceMatrix<float> U, DeviceMat
   cublasHandle_t bh = handle_for(fn, stream);
   JacobiParams params(fn);
 
-  // ---- enqueue: nothing below is an argument error ----
-  const DeviceMatrix<const float> T = pl.transpose ? A.transposed() : A;  // p x s
-  const DeviceMatrix<const float> Tt = T.transposed();                     // s x p
-  float* y = at_offset<float>(workspace, pl.y);
-  float* z = at_offset<float>(workspace, pl.z);
-  float* tau = at_offset<float>(workspace, pl.tau);
-  double* rt = at_offset<double>(workspace, pl.rt);
-  double* ur = at_offset<double>(workspace, pl.ur);
-  double* vr = at_offset<double>(workspace, pl.vr);
-  double* sd = at_offset<double>(workspace, pl.sd);
-  float* uk = at_offset<float>(workspace, pl.uk);
-  float* vk = at_offset<float>(workspace, pl.vk);
-  float* fwork = at_offset<float>(workspace, pl.fwork);
-  double* dwork = at_offset<double>(workspace, pl.dwork);
+  // ---- enqueue: nothing below is an argument error. A failure part-way (a launch, a library
+  // call) waits for what was already enqueued before it throws, so that the caller may free the
+  // workspace and the outputs on return.
+  int infos = 0, svd_info = -1;
   int* info = at_offset<int>(workspace, pl.info);
-  const int p = static_cast<int>(pl.p), s = static_cast<int>(pl.s), l = static_cast<int>(pl.l);
-  const auto Y = device_col_major(y, pl.p, pl.l);
-  const auto Z = device_col_major(z, pl.s, pl.l);
-  int infos = 0;
-  check_cuda(fn, cudaMemsetAsync(info, 0, kMaxInfos * sizeof(int), stream), "cudaMemsetAsync");
-  // Q factor of a column-major rows x l matrix, in place.
-  const auto orthonormalize = [&](float* a, int rows) {
-    check_solver(fn, cusolverDnSgeqrf(sh, rows, l, a, rows, tau, fwork, pl.lwork_f, info + infos++), "cusolverDnSgeqrf");
-    check_solver(fn, cusolverDnSorgqr(sh, rows, l, l, a, rows, tau, fwork, pl.lwork_f, info + infos++), "cusolverDnSorgqr");
-  };
-  // Omega (s x l): element (i, j) is normal(j s + i), the CPU's layout.
-  check_cuda(fn, static_cast<cudaError_t>(launch_fill_normal(z, static_cast<std::uint64_t>(pl.s * pl.l), options.seed,
-                                                             options.stream, stream)),
-             "the Gaussian test matrix kernel");
-  gemm<float>(fn, bh, T, Z, Y, 1.0f, 0.0f);
-  orthonormalize(y, p);
-  for (int it = 0; it < options.power_iterations; ++it) {
-    gemm<float>(fn, bh, Tt, Y, Z, 1.0f, 0.0f);
-    orthonormalize(z, s);
+  try {
+    const DeviceMatrix<const float> T = pl.transpose ? A.transposed() : A;  // p x s
+    const DeviceMatrix<const float> Tt = T.transposed();                     // s x p
+    float* y = at_offset<float>(workspace, pl.y);
+    float* z = at_offset<float>(workspace, pl.z);
+    float* tau = at_offset<float>(workspace, pl.tau);
+    double* rt = at_offset<double>(workspace, pl.rt);
+    double* ur = at_offset<double>(workspace, pl.ur);
+    double* vr = at_offset<double>(workspace, pl.vr);
+    double* sd = at_offset<double>(workspace, pl.sd);
+    float* uk = at_offset<float>(workspace, pl.uk);
+    float* vk = at_offset<float>(workspace, pl.vk);
+    float* fwork = at_offset<float>(workspace, pl.fwork);
+    double* dwork = at_offset<double>(workspace, pl.dwork);
+    const int p = static_cast<int>(pl.p), s = static_cast<int>(pl.s), l = static_cast<int>(pl.l);
+    const auto Y = device_col_major(y, pl.p, pl.l);
+    const auto Z = device_col_major(z, pl.s, pl.l);
+    check_cuda(fn, cudaMemsetAsync(info, 0, kMaxInfos * sizeof(int), stream), "cudaMemsetAsync");
+    // Q factor of a column-major rows x l matrix, in place.
+    const auto orthonormalize = [&](float* a, int rows) {
+      check_solver(fn, cusolverDnSgeqrf(sh, rows, l, a, rows, tau, fwork, pl.lwork_f, info + infos++), "cusolverDnSgeqrf");
+      check_solver(fn, cusolverDnSorgqr(sh, rows, l, l, a, rows, tau, fwork, pl.lwork_f, info + infos++), "cusolverDnSorgqr");
+    };
+    // Omega (s x l): element (i, j) is normal(j s + i), the CPU's layout.
+    check_cuda(fn, static_cast<cudaError_t>(launch_fill_normal(z, static_cast<std::uint64_t>(pl.s * pl.l), options.seed,
+                                                               options.stream, stream)),
+               "the Gaussian test matrix kernel");
     gemm<float>(fn, bh, T, Z, Y, 1.0f, 0.0f);
     orthonormalize(y, p);
+    for (int it = 0; it < options.power_iterations; ++it) {
+      gemm<float>(fn, bh, Tt, Y, Z, 1.0f, 0.0f);
+      orthonormalize(z, s);
+      gemm<float>(fn, bh, T, Z, Y, 1.0f, 0.0f);
+      orthonormalize(y, p);
+    }
+    // T^T Q = Qb R; the SVD of R^T (l x l, fp64) = Ur S Vr^T; T ~= (Q Ur) S (Qb Vr)^T.
+    gemm<float>(fn, bh, Tt, Y, Z, 1.0f, 0.0f);
+    check_solver(fn, cusolverDnSgeqrf(sh, s, l, z, s, tau, fwork, pl.lwork_f, info + infos++), "cusolverDnSgeqrf");
+    check_cuda(fn, static_cast<cudaError_t>(launch_upper_transposed(z, pl.s, rt, pl.l, stream)), "the R^T kernel");
+    check_solver(fn, cusolverDnSorgqr(sh, s, l, l, z, s, tau, fwork, pl.lwork_f, info + infos++), "cusolverDnSorgqr");
+    svd_info = infos++;
+    check_solver(fn,
+                 cusolverDnDgesvdj(sh, CUSOLVER_EIG_MODE_VECTOR, 0, l, l, rt, l, sd, ur, l, vr, l, dwork, pl.lwork_d,
+                                   info + svd_info, params.p),
+                 "cusolverDnDgesvdj");
+    check_cuda(fn, static_cast<cudaError_t>(launch_narrow(ur, pl.l, uk, pl.l, pl.l, pl.k, stream)), "a narrowing kernel");
+    check_cuda(fn, static_cast<cudaError_t>(launch_narrow(vr, pl.l, vk, pl.l, pl.l, pl.k, stream)), "a narrowing kernel");
+    const auto Uk = device_col_major<const float>(uk, pl.l, pl.k);
+    const auto Vk = device_col_major<const float>(vk, pl.l, pl.k);
+    const auto Q = device_col_major<const float>(y, pl.p, pl.l);
+    const auto Qb = device_col_major<const float>(z, pl.s, pl.l);
+    // T = A: U = Q Ur_k, V = Qb Vr_k. T = A^T: A ~= (Qb Vr) S (Q Ur)^T, so U = Qb Vr_k, V = Q Ur_k.
+    gemm<float>(fn, bh, pl.transpose ? Qb : Q, pl.transpose ? Vk : Uk, U, 1.0f, 0.0f);
+    gemm<float>(fn, bh, pl.transpose ? Q : Qb, pl.transpose ? Uk : Vk, V, 1.0f, 0.0f);
+    const std::int64_t s_stride = S.rows == k && k > 1 ? S.row_stride : (S.cols > 1 ? S.col_stride : 1);
+    check_cuda(fn, static_cast<cudaError_t>(launch_narrow(sd, 1, S.data, s_stride, 1, pl.k, stream)),
+               "a narrowing kernel");
+  } catch (...) {
+    (void)cudaStreamSynchronize(stream);
+    (void)cudaGetLastError();
+    throw;
   }
-  // T^T Q = Qb R; the SVD of R^T (l x l, fp64) = Ur S Vr^T; T ~= (Q Ur) S (Qb Vr)^T.
-  gemm<float>(fn, bh, Tt, Y, Z, 1.0f, 0.0f);
-  check_solver(fn, cusolverDnSgeqrf(sh, s, l, z, s, tau, fwork, pl.lwork_f, info + infos++), "cusolverDnSgeqrf");
-  check_cuda(fn, static_cast<cudaError_t>(launch_upper_transposed(z, pl.s, rt, pl.l, stream)), "the R^T kernel");
-  check_solver(fn, cusolverDnSorgqr(sh, s, l, l, z, s, tau, fwork, pl.lwork_f, info + infos++), "cusolverDnSorgqr");
-  const int svd_info = infos++;
-  check_solver(fn,
-               cusolverDnDgesvdj(sh, CUSOLVER_EIG_MODE_VECTOR, 0, l, l, rt, l, sd, ur, l, vr, l, dwork, pl.lwork_d,
-                                 info + svd_info, params.p),
-               "cusolverDnDgesvdj");
-  check_cuda(fn, static_cast<cudaError_t>(launch_narrow(ur, pl.l, uk, pl.l, pl.l, pl.k, stream)), "a narrowing kernel");
-  check_cuda(fn, static_cast<cudaError_t>(launch_narrow(vr, pl.l, vk, pl.l, pl.l, pl.k, stream)), "a narrowing kernel");
-  const auto Uk = device_col_major<const float>(uk, pl.l, pl.k);
-  const auto Vk = device_col_major<const float>(vk, pl.l, pl.k);
-  const auto Q = device_col_major<const float>(y, pl.p, pl.l);
-  const auto Qb = device_col_major<const float>(z, pl.s, pl.l);
-  // T = A: U = Q Ur_k, V = Qb Vr_k. T = A^T: A ~= (Qb Vr) S (Q Ur)^T, so U = Qb Vr_k, V = Q Ur_k.
-  gemm<float>(fn, bh, pl.transpose ? Qb : Q, pl.transpose ? Vk : Uk, U, 1.0f, 0.0f);
-  gemm<float>(fn, bh, pl.transpose ? Q : Qb, pl.transpose ? Uk : Vk, V, 1.0f, 0.0f);
-  const std::int64_t s_stride = S.rows == k && k > 1 ? S.row_stride : (S.cols > 1 ? S.col_stride : 1);
-  check_cuda(fn, static_cast<cudaError_t>(launch_narrow(sd, 1, S.data, s_stride, 1, pl.k, stream)),
-             "a narrowing kernel");
 
   // cuSOLVER's status words: 0, or the index of an illegal argument (< 0), or for gesvdj a
   // Jacobi iteration that did not converge (> 0).
@@ -268,9 +279,9 @@ void truncated_svd(DeviceMatrix<const float> A, DeviceMatrix<float> U, DeviceMat
   for (int i = 0; i < infos; ++i) {
     if (host[static_cast<std::size_t>(i)] == 0) continue;
     if (i == svd_info && host[static_cast<std::size_t>(i)] > 0)
-      fail(fn, "the Jacobi SVD of the {}x{} core did not converge (gesvdj info {})", l, l, host[static_cast<std::size_t>(i)]);
+      fail(fn, "the Jacobi SVD of the {}x{} core did not converge (gesvdj info {})", pl.l, pl.l, host[static_cast<std::size_t>(i)]);
     fail(fn, "cuSOLVER reported status {} in step {} (A {}x{}, rank {}, range width {})", host[static_cast<std::size_t>(i)],
-         i, m, n, k, l);
+         i, m, n, k, pl.l);
   }
 }
 

@@ -20,6 +20,7 @@
 #include "lowrank/cuda/projection.hpp"
 #include "lowrank/cuda/rank_update.hpp"
 #include "lowrank/cuda/svd.hpp"
+#include "lowrank/core/philox.hpp"
 #include "lowrank/es/noise.hpp"
 #include "lowrank/kernels/lora_forward.hpp"
 #include "lowrank/kernels/rank_update.hpp"
@@ -515,6 +516,25 @@ TEST(CudaProjection, ProjectAndBackProjectMatchTheCpuProjectorOnBothSidesAndLayo
       }
 }
 
+TEST(CudaProjection, AnEmptyProjectedDimensionGivesZeros) {
+  REQUIRE_GPU();
+  // Right side of a 6 x 0 gradient: R = G Q is 6 x 3 zeros (poisoned first), padded leading dimension.
+  Buffer<float> g(1), q(1), r(6 * 5);
+  r.upload(std::vector<float>(r.n, NAN));
+  lowrank::cuda::project(lowrank::cuda::device_row_major<const float>(g.p, 6, 0),
+                         lowrank::cuda::device_col_major<const float>(q.p, 0, 3), lowrank::optim::Side::right,
+                         lowrank::cuda::device_row_major(r.p, 6, 3, 5));
+  const std::vector<float> h = r.download();
+  for (int i = 0; i < 6; ++i)
+    for (int j = 0; j < 5; ++j) {
+      if (j < 3) {
+        EXPECT_EQ(h[static_cast<std::size_t>(i * 5 + j)], 0.0f) << i << "," << j;
+      } else {
+        EXPECT_TRUE(std::isnan(h[static_cast<std::size_t>(i * 5 + j)])) << "padding written at " << i << "," << j;
+      }
+    }
+}
+
 TEST(CudaProjection, BadArgumentsThrowBeforeAnyDeviceCall) {
   namespace lc = lowrank::cuda;
   using lowrank::optim::Side;
@@ -540,6 +560,7 @@ TEST(CudaProjection, BadArgumentsThrowBeforeAnyDeviceCall) {
   const auto W = lc::device_row_major<float>(fake + 16384, 40, 30);
   const auto N = lc::device_row_major<const float>(fake + 8192, 40, 5);
   EXPECT_NE(what([&] { lc::back_project(W, N, Q, Side::right, std::nan("")); }).find("alpha is nan"), std::string::npos);
+  EXPECT_NE(what([&] { lc::back_project(W, N, Q, Side::right, 1e39); }).find("finite in fp32"), std::string::npos);
   EXPECT_NE(what([&] { lc::back_project(W, N, Q, Side::left, 1.0); }).find("basis is 30x5"), std::string::npos);
   EXPECT_NE(what([&] { lc::back_project(lc::device_row_major<float>(fake + 8200, 40, 30), N, Q, Side::right, 1.0); })
                 .find("overlaps N"),
@@ -573,16 +594,19 @@ struct DeviceSvdResult {
   Eigen::VectorXf S;
 };
 
-// Uploads A (row- or column-major), runs cuda::truncated_svd with NaN-poisoned outputs.
+// Uploads A (row- or column-major), runs cuda::truncated_svd with NaN-poisoned outputs. Output
+// layouts: U row-major, S a k x 1 column, V column-major; with `flip`, U column-major with
+// leading dimension m + 3, S a 1 x k row with stride 2, V row-major with leading dimension k + 3.
 DeviceSvdResult device_svd(const lowrank::ColMatrix<float>& A, std::int64_t k, bool row_major,
-                           const lowrank::cuda::DeviceSvdOptions& o) {
+                           const lowrank::cuda::DeviceSvdOptions& o, bool flip = false) {
   namespace lc = lowrank::cuda;
   const std::int64_t m = A.rows(), n = A.cols();
   std::vector<float> h(static_cast<std::size_t>(m * n));
   for (std::int64_t i = 0; i < m; ++i)
     for (std::int64_t j = 0; j < n; ++j) h[static_cast<std::size_t>(row_major ? i * n + j : j * m + i)] = A(i, j);
-  Buffer<float> a(h.size()), u(static_cast<std::size_t>(m * k)), s(static_cast<std::size_t>(k)),
-      v(static_cast<std::size_t>(n * k));
+  const std::int64_t ldu = flip ? m + 3 : k, lds = flip ? 2 : 1, ldv = flip ? k + 3 : n;
+  Buffer<float> a(h.size()), u(static_cast<std::size_t>((flip ? k : m) * ldu)), s(static_cast<std::size_t>(k * lds)),
+      v(static_cast<std::size_t>((flip ? n : k) * ldv));
   a.upload(h);
   const float nan = std::numeric_limits<float>::quiet_NaN();
   u.upload(std::vector<float>(u.n, nan));
@@ -591,14 +615,20 @@ DeviceSvdResult device_svd(const lowrank::ColMatrix<float>& A, std::int64_t k, b
   const std::size_t bytes = lc::truncated_svd_workspace_bytes(m, n, k, o);
   Buffer<unsigned char> ws(bytes);
   const auto A_view = row_major ? lc::device_row_major<const float>(a.p, m, n) : lc::device_col_major<const float>(a.p, m, n);
-  // U row-major, V column-major, S a column: every output layout the GEMM helper handles.
-  lc::truncated_svd(A_view, lc::device_row_major(u.p, m, k), lc::device_col_major(s.p, k, 1),
-                    lc::device_col_major(v.p, n, k), ws.p, bytes, o, nullptr);
+  const auto U_view = flip ? lc::device_col_major(u.p, m, k, ldu) : lc::device_row_major(u.p, m, k);
+  const auto S_view = flip ? lc::DeviceMatrix<float>(s.p, 1, k, k * lds, lds) : lc::device_col_major(s.p, k, 1);
+  const auto V_view = flip ? lc::device_row_major(v.p, n, k, ldv) : lc::device_col_major(v.p, n, k);
+  lc::truncated_svd(A_view, U_view, S_view, V_view, ws.p, bytes, o, nullptr);
   DeviceSvdResult r;
   const std::vector<float> hu = u.download(), hs = s.download(), hv = v.download();
-  r.U = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(hu.data(), m, k);
-  r.S = Eigen::Map<const Eigen::VectorXf>(hs.data(), k);
-  r.V = Eigen::Map<const Eigen::MatrixXf>(hv.data(), n, k);
+  r.U.resize(m, k);
+  r.V.resize(n, k);
+  r.S.resize(k);
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t j = 0; j < k; ++j) r.U(i, j) = hu[static_cast<std::size_t>(flip ? j * ldu + i : i * k + j)];
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t j = 0; j < k; ++j) r.V(i, j) = hv[static_cast<std::size_t>(flip ? i * ldv + j : j * n + i)];
+  for (std::int64_t j = 0; j < k; ++j) r.S(j) = hs[static_cast<std::size_t>(j * lds)];
   return r;
 }
 
@@ -607,7 +637,8 @@ TEST(CudaSvd, MatchesTheCpuRandomizedSvdOnBothOrientationsAndLayouts) {
   const std::int64_t k = 12;
   for (const auto& [m, n] : {std::pair<std::int64_t, std::int64_t>{300, 200}, {200, 300}, {257, 257}})
     for (const bool row_major : {true, false}) {
-      SCOPED_TRACE(std::to_string(m) + "x" + std::to_string(n) + (row_major ? " row-major" : " column-major"));
+      const bool flip = !row_major;  // the other output layouts with the column-major inputs
+      SCOPED_TRACE(std::to_string(m) + "x" + std::to_string(n) + (row_major ? " row-major" : " column-major, flipped outputs"));
       const lowrank::ColMatrix<float> A = decaying(m, n, static_cast<std::uint64_t>(m * 7 + n));
       lowrank::linalg::SvdOptions co;
       co.method = lowrank::linalg::SvdMethod::randomized;
@@ -621,7 +652,7 @@ TEST(CudaSvd, MatchesTheCpuRandomizedSvdOnBothOrientationsAndLayouts) {
       go.power_iterations = 2;
       go.seed = 7;
       go.stream = 3;
-      const DeviceSvdResult gpu = device_svd(A, k, row_major, go);
+      const DeviceSvdResult gpu = device_svd(A, k, row_major, go, flip);
       ASSERT_TRUE(gpu.U.allFinite() && gpu.S.allFinite() && gpu.V.allFinite());
       // The same test matrix and algorithm: the same singular values up to fp32 rounding of the
       // products, and the same singular vectors up to sign.
@@ -656,6 +687,33 @@ TEST(CudaSvd, QOverridesTheOversampleAndZeroPowerIterationsRun) {
   go.power_iterations = 0;
   const DeviceSvdResult gpu = device_svd(A, 8, false, go);
   for (int j = 0; j < 8; ++j) EXPECT_NEAR(gpu.S(j), cpu.S(j), 1e-4 * cpu.S(0)) << j;
+}
+
+TEST(CudaSvd, TheTestMatrixIsTheHostsPhiloxStream) {
+  // A = [I; 0] (p x s) and q = k = 2 without power iterations: the range is that of Omega itself,
+  // so U must span the host's RandomStream(seed, stream) columns normal(j s + i) (a different
+  // stream or lane order gives a different plane).
+  REQUIRE_GPU();
+  const std::int64_t p = 60, s = 50, k = 2;
+  lowrank::ColMatrix<float> A = lowrank::ColMatrix<float>::Zero(p, s);
+  A.topRows(s).setIdentity();
+  lowrank::cuda::DeviceSvdOptions o;
+  o.q = k;
+  o.power_iterations = 0;
+  o.seed = 0x1234567890ull;
+  o.stream = 5;
+  const DeviceSvdResult gpu = device_svd(A, k, true, o);
+  const lowrank::RandomStream rng(o.seed, o.stream);
+  Eigen::MatrixXd omega = Eigen::MatrixXd::Zero(p, k);
+  for (std::int64_t j = 0; j < k; ++j)
+    for (std::int64_t i = 0; i < s; ++i) omega(i, j) = rng.normal(static_cast<std::uint64_t>(j * s + i));
+  const Eigen::MatrixXd U = gpu.U.cast<double>();
+  EXPECT_LT((omega - U * (U.transpose() * omega)).norm() / omega.norm(), 1e-5);
+  // And a neighbouring stream does not.
+  const lowrank::RandomStream other(o.seed, o.stream + 1);
+  for (std::int64_t j = 0; j < k; ++j)
+    for (std::int64_t i = 0; i < s; ++i) omega(i, j) = other.normal(static_cast<std::uint64_t>(j * s + i));
+  EXPECT_GT((omega - U * (U.transpose() * omega)).norm() / omega.norm(), 0.1);
 }
 
 TEST(CudaSvd, BadArgumentsThrowBeforeAnyDeviceCall) {

@@ -25,7 +25,7 @@ void project(DeviceMatrix<const float> G, DeviceMatrix<const float> basis, optim
 
 /// Back-projection into the weight, enqueued on `stream`: `W += alpha P N` (left; N `r x cols`)
 /// or `W += alpha N Q^T` (right; N `rows x r`), one fp32 GEMM with beta = 1.
-/// \throws Error (nothing enqueued) on disagreeing shapes, a non-finite alpha, bad strides or
+/// \throws Error (nothing enqueued) on disagreeing shapes, an alpha that is not finite in fp32, bad strides or
 ///   pointers, W overlapping N or the basis, or no CUDA device.
 void back_project(DeviceMatrix<float> W, DeviceMatrix<const float> N, DeviceMatrix<const float> basis, optim::Side side,
                   double alpha, cudaStream_t stream = nullptr);

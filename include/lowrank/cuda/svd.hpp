@@ -20,7 +20,7 @@ struct DeviceSvdOptions {
   std::int64_t oversample = 10;
   /// If > 0: the total range width q (`torch.svd_lowrank`'s q), overriding `oversample`; >= rank.
   std::int64_t q = 0;
-  /// Power (subspace) iterations (`torch.svd_lowrank`'s niter); >= 0.
+  /// Power (subspace) iterations (`torch.svd_lowrank`'s niter); 0 to 14.
   int power_iterations = 2;
   /// Key of the Gaussian test matrix (the CPU's `SvdOptions::seed` and `stream`).
   std::uint64_t seed = 0;
@@ -50,11 +50,12 @@ struct DeviceSvdOptions {
 ///   bytes, 256-byte aligned; not touched by anything else until the call returns
 ///
 /// Synchronizes `stream` before returning (to read cuSOLVER's status words): the results are
-/// ready on return.
+/// ready on return, and the call cannot be captured in a CUDA graph.
 /// \throws Error (nothing enqueued) on mismatched shapes, k outside [1, min(m, n)], bad strides or
 ///   pointers, overlapping outputs or outputs overlapping A or the workspace, a workspace that is
-///   too small or misaligned, or no CUDA device; Error after the work on a cuSOLVER failure (a
-///   non-converged Jacobi SVD or an invalid argument it reports).
+///   too small or misaligned, more than 14 power iterations, or no CUDA device; Error after the
+///   work on a cuSOLVER failure (a non-converged Jacobi SVD or an invalid argument it reports; a
+///   launch or library call failing part-way waits for the work already enqueued first).
 void truncated_svd(DeviceMatrix<const float> A, DeviceMatrix<float> U, DeviceMatrix<float> S, DeviceMatrix<float> V,
                    void* workspace, std::size_t workspace_bytes, const DeviceSvdOptions& options = {},
                    cudaStream_t stream = nullptr);
