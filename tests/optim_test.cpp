@@ -163,6 +163,22 @@ TEST(Adam, NonFiniteGradientErrorsOrSkipsWithoutTouchingAnything) {
             std::string::npos);
 }
 
+TEST(Adam, StepSizesBeyondFp32AreRejectedBeforeAnythingChanges) {
+  // A finite lr can still overflow fp32 once scaled (sqrt(bc2) / bc1 = 0.32 at the first step;
+  // the subspace optimizer checks the bound lr / (1 - beta1) times its scale).
+  RowMatrix<float> W = randn(4, 3, 2);
+  const RowMatrix<float> W0 = W, G = randn(4, 3, 3);
+  AdamState s;
+  EXPECT_NE(error_of([&] { adam_step(mv(W), cmv(G), s, AdamConfig{}, 2e39); }).find("does not fit in fp32"),
+            std::string::npos);
+  EXPECT_EQ(W, W0);
+  EXPECT_EQ(s.step, 0);
+  SubspaceOptimizer opt(4, 3, galore_config(2));
+  EXPECT_NE(error_of([&] { opt.step(mv(W), cmv(G), 1e38); }).find("do not fit in fp32"), std::string::npos);
+  EXPECT_EQ(W, W0);
+  EXPECT_EQ(opt.steps(), 0);
+}
+
 // ---- projector ------------------------------------------------------------------------------------
 
 TEST(Projector, SideRulesFollowTheReferenceTableIncludingSquare) {

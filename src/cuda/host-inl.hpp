@@ -118,20 +118,29 @@ inline void check_blas(const char* fn, cublasStatus_t s, const char* what) {
   if (s != CUBLAS_STATUS_SUCCESS) fail(fn, "{} failed: {}", what, blas_status_name(s));
 }
 
-// One handle per host thread and device, never destroyed (destroying handles at thread or process
-// exit can run after the CUDA runtime has shut down).
-inline cublasHandle_t handle_for(const char* fn, cudaStream_t stream) {
-  thread_local std::unordered_map<int, cublasHandle_t> handles;
+// A library handle (cuBLAS, cuSOLVER, ...) per host thread and device, made by `create(&h)` on
+// first use and never destroyed (destroying handles at thread or process exit can run after the
+// CUDA runtime has shut down). One map per handle type.
+template <class Handle, class Create>
+Handle per_thread_handle(const char* fn, const Create& create) {
+  thread_local std::unordered_map<int, Handle> handles;
   int device = 0;
   check_cuda(fn, cudaGetDevice(&device), "cudaGetDevice");
   auto it = handles.find(device);
   if (it == handles.end()) {
-    cublasHandle_t h = nullptr;
-    check_blas(fn, cublasCreate(&h), "cublasCreate");
+    Handle h{};
+    create(&h);
     it = handles.emplace(device, h).first;
   }
-  check_blas(fn, cublasSetStream(it->second, stream), "cublasSetStream");
   return it->second;
+}
+
+// This thread's cuBLAS handle for the current device, set to `stream`.
+inline cublasHandle_t handle_for(const char* fn, cudaStream_t stream) {
+  const cublasHandle_t h = per_thread_handle<cublasHandle_t>(
+      fn, [fn](cublasHandle_t* p) { check_blas(fn, cublasCreate(p), "cublasCreate"); });
+  check_blas(fn, cublasSetStream(h, stream), "cublasSetStream");
+  return h;
 }
 
 inline int device_major(const char* fn) {

@@ -6,7 +6,6 @@
 #include <array>
 #include <climits>
 #include <cstdint>
-#include <unordered_map>
 #include <utility>
 
 #include "host-inl.hpp"
@@ -36,19 +35,12 @@ void check_solver(const char* fn, cusolverStatus_t s, const char* what) {
   if (s != CUSOLVER_STATUS_SUCCESS) fail(fn, "{} failed: {}", what, solver_status_name(s));
 }
 
-// One cuSOLVER handle per host thread and device, never destroyed (as the cuBLAS handles).
+// This thread's cuSOLVER handle for the current device, set to `stream`.
 cusolverDnHandle_t solver_for(const char* fn, cudaStream_t stream) {
-  thread_local std::unordered_map<int, cusolverDnHandle_t> handles;
-  int device = 0;
-  check_cuda(fn, cudaGetDevice(&device), "cudaGetDevice");
-  auto it = handles.find(device);
-  if (it == handles.end()) {
-    cusolverDnHandle_t h = nullptr;
-    check_solver(fn, cusolverDnCreate(&h), "cusolverDnCreate");
-    it = handles.emplace(device, h).first;
-  }
-  check_solver(fn, cusolverDnSetStream(it->second, stream), "cusolverDnSetStream");
-  return it->second;
+  const cusolverDnHandle_t h = per_thread_handle<cusolverDnHandle_t>(
+      fn, [fn](cusolverDnHandle_t* p) { check_solver(fn, cusolverDnCreate(p), "cusolverDnCreate"); });
+  check_solver(fn, cusolverDnSetStream(h, stream), "cusolverDnSetStream");
+  return h;
 }
 
 // cuSOLVER's Jacobi SVD parameters (tolerance and sweeps at their defaults), released on scope exit.

@@ -2,6 +2,7 @@
 #include "lowrank/optim/adam.hpp"
 
 #include <cmath>
+#include <limits>
 
 #include "lowrank/core/error.hpp"
 
@@ -70,6 +71,10 @@ bool adam_step(MatrixView<float> W, MatrixView<const float> G, AdamState& state,
     fail(fn, "the state is {}x{} (m) and {}x{} (v) but W is {}x{}", state.m.rows(), state.m.cols(), state.v.rows(),
          state.v.cols(), W.rows, W.cols);
   const AdamScalars s = adam_scalars(config, state.step + 1, lr);  // validates config and lr
+  if (!(s.step_size <= static_cast<double>(std::numeric_limits<float>::max()) &&
+        lr * config.weight_decay <= static_cast<double>(std::numeric_limits<float>::max())))
+    fail(fn, "lr is {}: the step size {} or the decay {} does not fit in fp32 (W is {}x{})", lr, s.step_size,
+         lr * config.weight_decay, W.rows, W.cols);
   for (Index i = 0; i < G.rows; ++i)
     for (Index j = 0; j < G.cols; ++j)
       if (!std::isfinite(G(i, j))) {

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <utility>
 
@@ -514,6 +515,13 @@ StepReport SubspaceOptimizer::step(MatrixView<float> W, MatrixView<const float> 
   check_matrix(fn, "W", W, rows_, cols_);
   check_matrix(fn, "G", G, rows_, cols_);
   if (!(lr >= 0) || !std::isfinite(lr)) fail(fn, "lr is {}; it must be finite and >= 0", lr);
+  {  // The fp32 step sizes (Adam's is at most lr / (1 - beta1) with bias correction) must be finite.
+    const double adam_bound = config_.adam.bias_correction ? lr / (1 - config_.adam.beta1) : lr;
+    const double bound = std::max({adam_bound * std::abs(config_.scale), adam_bound, lr * config_.residual_lr_scale,
+                                   lr * config_.adam.weight_decay});
+    if (!(bound <= static_cast<double>(std::numeric_limits<float>::max())))
+      fail(fn, "lr is {}: the step sizes it gives (up to {}) do not fit in fp32", lr, bound);
+  }
   StepReport report;
   report.update_gap = gap_;
   const bool refresh = refresh_due();
