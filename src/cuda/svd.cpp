@@ -84,7 +84,7 @@ void check_options(const char* fn, std::int64_t rows, std::int64_t cols, std::in
 }
 
 Plan plan_for(const char* fn, std::int64_t rows, std::int64_t cols, std::int64_t rank, const DeviceSvdOptions& o,
-              cusolverDnHandle_t h) {
+              cusolverDnHandle_t h, const JacobiParams& params) {
   Plan pl;
   pl.transpose = rows < cols;
   pl.p = std::max(rows, cols);
@@ -101,7 +101,6 @@ Plan plan_for(const char* fn, std::int64_t rows, std::int64_t cols, std::int64_t
   pl.lwork_f = std::max(pl.lwork_f, w);
   check_solver(fn, cusolverDnSorgqr_bufferSize(h, s, l, l, nullptr, s, nullptr, &w), "cusolverDnSorgqr_bufferSize");
   pl.lwork_f = std::max(pl.lwork_f, w);
-  JacobiParams params(fn);
   check_solver(fn,
                cusolverDnDgesvdj_bufferSize(h, CUSOLVER_EIG_MODE_VECTOR, 0, l, l, nullptr, l, nullptr, nullptr, l,
                                             nullptr, l, &pl.lwork_d, params.p),
@@ -143,7 +142,8 @@ std::size_t truncated_svd_workspace_bytes(std::int64_t rows, std::int64_t cols, 
   using namespace detail;
   check_options(fn, rows, cols, rank, options);
   require_device(fn);
-  return plan_for(fn, rows, cols, rank, options, solver_for(fn, nullptr)).bytes;
+  const JacobiParams params(fn);
+  return plan_for(fn, rows, cols, rank, options, solver_for(fn, nullptr), params).bytes;
 }
 
 void truncated_svd(DeviceMatrix<const float> A, DeviceMatrix<float> U, DeviceMatrix<float> S, DeviceMatrix<float> V,
@@ -186,12 +186,12 @@ void truncated_svd(DeviceMatrix<const float> A, DeviceMatrix<float> U, DeviceMat
   check_device(fn, "V", V);
   check_pointer(fn, "workspace", workspace);
   cusolverDnHandle_t sh = solver_for(fn, stream);
-  const Plan pl = plan_for(fn, m, n, k, options, sh);
+  const JacobiParams params(fn);
+  const Plan pl = plan_for(fn, m, n, k, options, sh, params);
   if (workspace_bytes < pl.bytes)
     fail(fn, "workspace has {} bytes; truncated_svd_workspace_bytes({}, {}, {}) = {} are needed", workspace_bytes, m,
          n, k, pl.bytes);
   cublasHandle_t bh = handle_for(fn, stream);
-  JacobiParams params(fn);
 
   // ---- enqueue: nothing below is an argument error. A failure part-way (a launch, a library
   // call) waits for what was already enqueued before it throws, so that the caller may free the

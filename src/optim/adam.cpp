@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "common-inl.hpp"
 #include "lowrank/core/error.hpp"
 
 LOWRANK_BEGIN_NAMESPACE
@@ -75,38 +76,23 @@ bool adam_step(MatrixView<float> W, MatrixView<const float> G, AdamState& state,
         lr * config.weight_decay <= static_cast<double>(std::numeric_limits<float>::max())))
     fail(fn, "lr is {}: the step size {} or the decay {} does not fit in fp32 (W is {}x{})", lr, s.step_size,
          lr * config.weight_decay, W.rows, W.cols);
-  for (Index i = 0; i < G.rows; ++i)
-    for (Index j = 0; j < G.cols; ++j)
-      if (!std::isfinite(G(i, j))) {
-        if (policy == NonFinitePolicy::skip) return false;
-        fail(fn, "G ({}x{}) has a non-finite value {} at ({}, {})", G.rows, G.cols, G(i, j), i, j);
-      }
+  const auto bad = internal::first_nonfinite(G);
+  if (bad.first >= 0) {
+    if (policy == NonFinitePolicy::skip) return false;
+    fail(fn, "G ({}x{}) has a non-finite value {} at ({}, {})", G.rows, G.cols, G(bad.first, bad.second), bad.first,
+         bad.second);
+  }
   if (fresh) state = AdamState(W.rows, W.cols);
   ++state.step;
-  const float b1 = static_cast<float>(config.beta1), c1 = static_cast<float>(1 - config.beta1);
-  const float b2 = static_cast<float>(config.beta2), c2 = static_cast<float>(1 - config.beta2);
-  const float e = static_cast<float>(s.eps), step = static_cast<float>(s.step_size);
-  const float decay = static_cast<float>(lr * config.weight_decay);
-  const bool before = config.decay == DecayPlacement::before_update;
-  for (Index i = 0; i < W.rows; ++i) {
-    float* mi = state.m.data() + i * W.cols;
-    float* vi = state.v.data() + i * W.cols;
-    for (Index j = 0; j < W.cols; ++j) {
-      const float g = G(i, j);
-      const float mj = b1 * mi[j] + c1 * g;
-      const float vj = b2 * vi[j] + c2 * (g * g);
-      mi[j] = mj;
-      vi[j] = vj;
-      float& w = W(i, j);
-      const float u = step * (mj / (std::sqrt(vj) + e));
-      if (before) {
-        w = w * (1.0f - decay) - u;
-      } else {
-        w = w - u;
-        w = w - decay * w;
-      }
-    }
-  }
+  internal::AdamCoefficients k;
+  k.b1 = static_cast<float>(config.beta1), k.c1 = static_cast<float>(1 - config.beta1);
+  k.b2 = static_cast<float>(config.beta2), k.c2 = static_cast<float>(1 - config.beta2);
+  k.eps = static_cast<float>(s.eps), k.step = static_cast<float>(s.step_size);
+  k.decay = static_cast<float>(lr * config.weight_decay);
+  k.before = config.decay == DecayPlacement::before_update;
+  float* m = state.m.data();
+  float* v = state.v.data();
+  internal::for_row_slices(W.rows, W.cols, [&](Index i0, Index i1) { internal::adam_rows(W, G, m, v, i0, i1, k); });
   return true;
 }
 

@@ -6,21 +6,20 @@
 #include <functional>
 #include <limits>
 #include <utility>
+#include <vector>
 
 #include "common-inl.hpp"
 #include "lowrank/core/error.hpp"
-#include "lowrank/core/threading.hpp"
 
 LOWRANK_BEGIN_NAMESPACE
 
 namespace optim {
 
 using detail::fail;
+using internal::decayed_update;
+using internal::sign_of;
 
 namespace {
-
-// Below this many elements a block is updated on one thread (a parallel region costs more).
-constexpr Index kThreadedElements = Index{1} << 16;
 
 // k = round(density L) with ties to even (Python's round, FRUGAL's).
 Index active_count_for(double density, Index count) {
@@ -49,90 +48,36 @@ Index check_config(const char* fn, const std::vector<BlockShape>& shapes, const 
   return k;
 }
 
-float sign_of(float g) { return (g > 0.0f ? 1.0f : 0.0f) - (g < 0.0f ? 1.0f : 0.0f); }
-
+// The scalars of one step: Adam's for the active blocks, the state-free rule's for the others.
 struct Coefficients {
-  float b1 = 0, c1 = 0, b2 = 0, c2 = 0, eps = 0, step = 0;  // Adam (active blocks)
-  float lr_f = 0;                                           // inactive blocks
+  internal::AdamCoefficients adam;
+  float lr_f = 0;
   ResidualRule rule = ResidualRule::none;
-  float decay = 0;  // lr * weight_decay
-  bool before = true;
 };
-
-// w after decay and the update u at the configured placement (the order of adam_step's).
-inline float apply(float w, float u, float decay, bool before) {
-  if (before) return w * (1.0f - decay) - u;
-  w = w - u;
-  return w - decay * w;
-}
-
-// Rows [i0, i1) of an active block: Adam moments and the weight update in one pass.
-void active_rows(MatrixView<float> W, MatrixView<const float> G, float* m, float* v, Index i0, Index i1,
-                 const Coefficients& k) {
-  const Index n = W.cols;
-  for (Index i = i0; i < i1; ++i) {
-    float* mi = m + i * n;
-    float* vi = v + i * n;
-    if (W.col_stride == 1 && G.col_stride == 1) {
-      float* w = &W(i, 0);
-      const float* g = &G(i, 0);
-      for (Index j = 0; j < n; ++j) {
-        const float mj = k.b1 * mi[j] + k.c1 * g[j];
-        const float vj = k.b2 * vi[j] + k.c2 * (g[j] * g[j]);
-        mi[j] = mj;
-        vi[j] = vj;
-        w[j] = apply(w[j], k.step * (mj / (std::sqrt(vj) + k.eps)), k.decay, k.before);
-      }
-    } else {
-      for (Index j = 0; j < n; ++j) {
-        const float g = G(i, j);
-        const float mj = k.b1 * mi[j] + k.c1 * g;
-        const float vj = k.b2 * vi[j] + k.c2 * (g * g);
-        mi[j] = mj;
-        vi[j] = vj;
-        W(i, j) = apply(W(i, j), k.step * (mj / (std::sqrt(vj) + k.eps)), k.decay, k.before);
-      }
-    }
-  }
-}
 
 // Rows [i0, i1) of an inactive block: the state-free rule.
 void inactive_rows(MatrixView<float> W, MatrixView<const float> G, Index i0, Index i1, const Coefficients& k) {
   const Index n = W.cols;
   const bool sign = k.rule == ResidualRule::sign_sgd;
   const float lr = k.rule == ResidualRule::none ? 0.0f : k.lr_f;
+  const float decay = k.adam.decay;
+  const bool before = k.adam.before;
   for (Index i = i0; i < i1; ++i) {
     if (W.col_stride == 1 && G.col_stride == 1) {
       float* w = &W(i, 0);
       const float* g = &G(i, 0);
       if (sign) {
-        for (Index j = 0; j < n; ++j) w[j] = apply(w[j], lr * sign_of(g[j]), k.decay, k.before);
+        for (Index j = 0; j < n; ++j) w[j] = decayed_update(w[j], lr * sign_of(g[j]), decay, before);
       } else {
-        for (Index j = 0; j < n; ++j) w[j] = apply(w[j], lr * g[j], k.decay, k.before);
+        for (Index j = 0; j < n; ++j) w[j] = decayed_update(w[j], lr * g[j], decay, before);
       }
     } else {
       for (Index j = 0; j < n; ++j) {
         const float g = G(i, j);
-        W(i, j) = apply(W(i, j), lr * (sign ? sign_of(g) : g), k.decay, k.before);
+        W(i, j) = decayed_update(W(i, j), lr * (sign ? sign_of(g) : g), decay, before);
       }
     }
   }
-}
-
-// Calls body(i0, i1) over row slices of a rows x cols block, on several threads when it is large
-// (a template: a std::function of the callers' lambdas would allocate on every call).
-template <class Body>
-void for_row_slices(Index rows, Index cols, const Body& body) {
-  const int threads = rows * cols >= kThreadedElements ? std::max(1, num_threads()) : 1;
-  const Index slices = std::min<Index>(threads, rows);
-  if (slices <= 1) {
-    body(0, rows);
-    return;
-  }
-#if defined(LOWRANK_HAVE_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(static_cast<int>(slices))
-#endif
-  for (Index s = 0; s < slices; ++s) body(rows * s / slices, rows * (s + 1) / slices);
 }
 
 }  // namespace
@@ -152,7 +97,6 @@ BlockOptimizer::BlockOptimizer(std::vector<BlockShape> shapes, const BlockConfig
     : shapes_(std::move(shapes)), config_(config) {
   active_count_ = check_config("lowrank::optim::BlockOptimizer", shapes_, config_);
   states_.resize(shapes_.size());
-  active_.assign(shapes_.size(), 0);
   const auto count = static_cast<Index>(shapes_.size());
   start_ = config_.order == BlockOrder::descending ? count - 1 : 0;
 }
@@ -192,7 +136,7 @@ std::vector<Index> BlockOptimizer::next_window(const BlockConfig& config, Index 
 bool BlockOptimizer::is_active(Index block) const {
   if (block < 0 || block >= blocks())
     fail("lowrank::optim::BlockOptimizer::is_active", "block is {}; the group has {} blocks", block, blocks());
-  return active_[static_cast<std::size_t>(block)] != 0;
+  return states_[static_cast<std::size_t>(block)].m.size() != 0;  // blocks are never empty
 }
 
 const AdamState& BlockOptimizer::state(Index block) const {
@@ -293,7 +237,6 @@ BlockStepReport BlockOptimizer::step(std::span<const MatrixView<float>> W, std::
         states_[i].zero(true);
       }
     }
-    active_ = std::move(now);
     active_list_ = std::move(window);
     start_ = start;
     ++switches_;
@@ -302,30 +245,31 @@ BlockStepReport BlockOptimizer::step(std::span<const MatrixView<float>> W, std::
 
   // 2-3. Decay and the update, block by block.
   Coefficients k;
-  k.b1 = static_cast<float>(config_.adam.beta1);
-  k.c1 = static_cast<float>(1 - config_.adam.beta1);
-  k.b2 = static_cast<float>(config_.adam.beta2);
-  k.c2 = static_cast<float>(1 - config_.adam.beta2);
+  k.adam.b1 = static_cast<float>(config_.adam.beta1);
+  k.adam.c1 = static_cast<float>(1 - config_.adam.beta1);
+  k.adam.b2 = static_cast<float>(config_.adam.beta2);
+  k.adam.c2 = static_cast<float>(1 - config_.adam.beta2);
+  k.adam.decay = static_cast<float>(decay);
+  k.adam.before = config_.adam.decay == DecayPlacement::before_update;
   k.lr_f = static_cast<float>(lr_f);
   k.rule = config_.inactive;
-  k.decay = static_cast<float>(decay);
-  k.before = config_.adam.decay == DecayPlacement::before_update;
   for (Index b = 0; b < count; ++b) {
     const auto i = static_cast<std::size_t>(b);
     const MatrixView<float> Wb = W[i];
     const MatrixView<const float> Gb = G[i];
-    if (active_[i]) {
-      AdamState& st = states_[i];
+    AdamState& st = states_[i];
+    if (st.m.size() != 0) {  // active
       const AdamScalars s = adam_scalars(config_.adam, st.step + 1, lr_a);
       ++st.step;
-      Coefficients ka = k;
+      internal::AdamCoefficients ka = k.adam;
       ka.eps = static_cast<float>(s.eps);
       ka.step = static_cast<float>(s.step_size);
       float* m = st.m.data();
       float* v = st.v.data();
-      for_row_slices(Wb.rows, Wb.cols, [&](Index i0, Index i1) { active_rows(Wb, Gb, m, v, i0, i1, ka); });
-    } else if (k.rule != ResidualRule::none || k.decay != 0.0f) {  // FRUGAL's 'no' rule: nothing to do
-      for_row_slices(Wb.rows, Wb.cols, [&](Index i0, Index i1) { inactive_rows(Wb, Gb, i0, i1, k); });
+      internal::for_row_slices(Wb.rows, Wb.cols,
+                               [&](Index i0, Index i1) { internal::adam_rows(Wb, Gb, m, v, i0, i1, ka); });
+    } else if (k.rule != ResidualRule::none || k.adam.decay != 0.0f) {  // FRUGAL's 'no' rule: nothing to do
+      internal::for_row_slices(Wb.rows, Wb.cols, [&](Index i0, Index i1) { inactive_rows(Wb, Gb, i0, i1, k); });
     }
   }
   ++steps_;

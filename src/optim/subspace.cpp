@@ -652,13 +652,13 @@ void SubspaceOptimizer::apply_residual(MatrixView<float> W, MatrixView<const flo
         if (W.col_stride == 1) {
           float* w = &W(i0 + i, 0);
           for (Index j = 0; j < cols_; ++j) {
-            const float d = sign ? (t[j] > 0.0f ? 1.0f : 0.0f) - (t[j] < 0.0f ? 1.0f : 0.0f) : t[j];
+            const float d = sign ? internal::sign_of(t[j]) : t[j];
             row2 += d * d;
             w[j] -= lr_f * d;
           }
         } else {
           for (Index j = 0; j < cols_; ++j) {
-            const float d = sign ? (t[j] > 0.0f ? 1.0f : 0.0f) - (t[j] < 0.0f ? 1.0f : 0.0f) : t[j];
+            const float d = sign ? internal::sign_of(t[j]) : t[j];
             row2 += d * d;
             W(i0 + i, j) -= lr_f * d;
           }

@@ -120,8 +120,7 @@ class BlockOptimizer {
   BlockConfig config_;
   Index active_count_ = 0;
   Index start_ = 0;
-  std::vector<AdamState> states_;
-  std::vector<char> active_;
+  std::vector<AdamState> states_;  // moments allocated exactly for the active blocks
   std::vector<Index> active_list_;
   std::int64_t steps_ = 0;
   std::int64_t switches_ = 0;
