@@ -165,10 +165,10 @@ struct Shape {
 // outputs than an axpy column block (256), rank 1 and a rank above the lane counts.
 const Shape kShapes[] = {{1, 1, 1, 1},  {1, 7, 5, 2},    {3, 17, 9, 3},  {2, 33, 13, 16}, {17, 9, 19, 5},
                          {4, 16, 24, 4}, {5, 40, 7, 17}, {1, 65, 31, 1}, {17, 23, 261, 3},
-                         {18, 523, 10, 2},   // several k chunks (256) with a tail
+                         {18, 523, 10, 2},   // several k chunks (512 on the GEMM path) with a tail
                          // The GEMM path (from lora_forward_gemm_tokens): ragged token panels
                          // (MR 3, 4, 6, 8), ragged output panels (NR 4, 16, 32), k chunks with a
-                         // tail, more outputs than a column block (128).
+                         // tail, more outputs than a column block (64).
                          {70, 523, 37, 3},   {64, 9, 150, 16}};
 
 template <class TW>

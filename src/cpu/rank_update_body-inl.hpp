@@ -79,6 +79,12 @@ inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __re
                                                 static_cast<std::uintptr_t>(prefetch) * sizeof(S)));
     load_row<Ops, NV>(c + i * ldc, acc[i]);
   }
+  // A long product: the next tile's rows of C, to L1 (the panel's prefetch distance is tuned for
+  // short ones, and a line it fetches would leave L1 again before a long product reaches it).
+  if (r >= 64) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) Ops::prefetch(c + i * ldc + NR);
+  }
   for (KIndex k = 0; k < r; ++k) {
     V bv[NV];
 #pragma GCC unroll 4
