@@ -4,9 +4,12 @@
 
 #include <benchmark/benchmark.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
+#include <cstdlib>
 #include <functional>
 #include <random>
 #include <span>
@@ -31,6 +34,21 @@ inline void set_threads(int threads) {
 #endif
 }
 
+/// Makes every library's worker threads sleep as soon as a call returns, by running the program
+/// again with `OMP_WAIT_POLICY=passive` and `OPENBLAS_THREAD_TIMEOUT=4` (values the user set are
+/// kept; both are read when the libraries load, hence the second run). Otherwise the threads a
+/// call leaves spinning (OpenBLAS's for about 2^28 cycles, OpenMP's for a while) take one of a
+/// small machine's cores from the next implementation timed: on 2 cores the ratios against
+/// OpenBLAS swung between 0.5 and 1.6 from one run to the next (Zen 3 VM, 2026-11-28), and the
+/// random order of `interleaved_medians` does not shed it when most calls follow a disturbing one.
+inline void quiet_thread_pools(char** argv) {
+  if (std::getenv("LOWRANK_BENCH_QUIET_POOLS") != nullptr) return;
+  setenv("LOWRANK_BENCH_QUIET_POOLS", "1", 1);
+  setenv("OMP_WAIT_POLICY", "passive", 0);
+  setenv("OPENBLAS_THREAD_TIMEOUT", "4", 0);
+  execv("/proc/self/exe", argv);  // returns only on failure: run on, with the pools as they are
+}
+
 /// Wall-clock seconds of one call.
 inline double seconds(const std::function<void()>& f) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -49,8 +67,9 @@ inline double median(std::vector<double> v) {
 /// returns the median time of each. A rotation would keep each implementation's predecessor: the
 /// worker threads a library leaves spinning after a call (OpenBLAS's) then always slow the same
 /// next one (measured: 1.2x on the fused LoRA forward at 256 tokens on 2 threads, Zen 1 VM,
-/// 2026-11-27); in a random order every implementation follows every other equally often and the
-/// medians shed the disturbed runs. One untimed warm-up call each first.
+/// 2026-11-27); in a random order every implementation follows every other equally often. With
+/// more threads than a few disturbed calls, only quiet pools help (`quiet_thread_pools`, which the
+/// benchmark programs call first). One untimed warm-up call each first.
 inline std::vector<double> interleaved_medians(benchmark::State& state, std::span<const std::function<void()>> impls) {
   std::vector<std::vector<double>> times(impls.size());
   for (const auto& f : impls) f();
@@ -67,3 +86,13 @@ inline std::vector<double> interleaved_medians(benchmark::State& state, std::spa
 }
 
 }  // namespace lowrank_bench
+
+/// BENCHMARK_MAIN with quiet thread pools (lowrank_bench::quiet_thread_pools).
+#define LOWRANK_BENCHMARK_MAIN()                   \
+  int main(int argc, char** argv) {                \
+    lowrank_bench::quiet_thread_pools(argv);       \
+    benchmark::Initialize(&argc, argv);            \
+    benchmark::RunSpecifiedBenchmarks();           \
+    benchmark::Shutdown();                         \
+    return 0;                                      \
+  }

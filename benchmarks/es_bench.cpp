@@ -167,6 +167,7 @@ void register_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  lowrank_bench::quiet_thread_pools(argv);
   register_all();
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();

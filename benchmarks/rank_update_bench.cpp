@@ -232,4 +232,4 @@ const int registered = register_all();
 
 }  // namespace
 
-BENCHMARK_MAIN();
+LOWRANK_BENCHMARK_MAIN()
