@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -16,6 +17,7 @@
 #include "lowrank/core/error.hpp"
 #include "lowrank/core/threading.hpp"
 #include "lowrank/es/eggroll.hpp"
+#include "lowrank/kernels/rank_update.hpp"
 #include "lowrank/kernels/targets.hpp"
 
 // Allocation tracking (es_alloc_track.cpp replaces the global operator new): the largest single
@@ -480,6 +482,84 @@ TEST(EsUpdate, BitwiseIndependentOfThreadsAndIdenticalOnEveryTarget) {
   }
   EXPECT_EQ(sc, run(1));
 }
+
+void check_packed_factors() {
+  const Index out = 23, in = 37;
+  const std::int64_t n = 14;
+  std::vector<double> f(n);
+  for (std::int64_t i = 0; i < n; ++i) f[i] = i == 4 ? 0.0 : std::sin(1.3 * double(i)) + 0.2;  // index 4 skipped
+  const double c = 0.37;
+  for (int r : {1, 3, 4})
+    for (std::int64_t chunk : {0, 1, 3}) {
+      SCOPED_TRACE(testing::Message() << "r " << r << " chunk " << chunk);
+      const Perturbation p = make_p(r, n, Antithetic::none);
+      // The collapsed fitness and the active indices, as aggregate_update forms them.
+      std::vector<double> w(n, 0.0);
+      for (std::int64_t i = 0; i < n; ++i) {
+        const auto mn = lowrank::es::member_noise(i, n, p.antithetic);
+        w[mn.index] += mn.sign * f[i];
+      }
+      std::vector<std::uint32_t> active;
+      for (std::int64_t k = 0; k < n; ++k)
+        if (w[k] != 0) active.push_back(static_cast<std::uint32_t>(k));
+      const std::size_t per = chunk > 0 ? std::size_t(chunk) : std::size_t(std::max(1, 256 / r));
+      std::vector<float> ref(out * in);
+      for (std::size_t q = 0; q < ref.size(); ++q) ref[q] = 0.01f * float(q % 7);
+      const std::vector<float> g0 = ref;
+      for (std::size_t c0 = 0; c0 < active.size(); c0 += per) {
+        const std::size_t cnt = std::min(per, active.size() - c0);
+        const Index cols = Index(cnt) * r;
+        std::vector<float> U(out * cols), V(in * cols), A(out * r), B(in * r);
+        for (std::size_t q = 0; q < cnt; ++q) {
+          const std::uint32_t k = active[c0 + q];
+          lowrank::es::eggroll_factors(p.key, k, out, in, r, A.data(), B.data());
+          const auto a = static_cast<float>(c / std::sqrt(double(r)) * w[k]);
+          for (int j = 0; j < r; ++j) {
+            for (Index i = 0; i < out; ++i) U[(q * r + j) * out + i] = a * A[i * r + j];
+            for (Index i = 0; i < in; ++i) V[(q * r + j) * in + i] = B[i * r + j];
+          }
+        }
+        lowrank::rank_update(row_major(ref.data(), out, in), MatrixView<const float>(U.data(), out, cols, 1, out),
+                             MatrixView<const float>(V.data(), in, cols, 1, in), 1.0);
+      }
+      es::AggregateOptions o;
+      o.chunk = chunk;
+      std::vector<float> g = g0;
+      es::aggregate_update(p, f, c, row_major(g.data(), out, in), o);
+      EXPECT_EQ(0, std::memcmp(g.data(), ref.data(), g.size() * sizeof(float)));
+      // Column-major G, and G with a column stride of 2 (the unpacked paths).
+      std::vector<float> gc(out * in), gs(out * in * 2, -7.0f);
+      for (Index i = 0; i < out; ++i)
+        for (Index j = 0; j < in; ++j) gc[j * out + i] = g0[i * in + j], gs[i * in * 2 + j * 2] = g0[i * in + j];
+      es::aggregate_update(p, f, c, MatrixView<float>(gc.data(), out, in, 1, out), o);
+      es::aggregate_update(p, f, c, MatrixView<float>(gs.data(), out, in, in * 2, 2), o);
+      for (Index i = 0; i < out; ++i)
+        for (Index j = 0; j < in; ++j) {
+          ASSERT_EQ(std::bit_cast<std::uint32_t>(gc[j * out + i]), std::bit_cast<std::uint32_t>(ref[i * in + j]));
+          ASSERT_EQ(std::bit_cast<std::uint32_t>(gs[i * in * 2 + j * 2]), std::bit_cast<std::uint32_t>(ref[i * in + j]));
+          ASSERT_EQ(gs[i * in * 2 + j * 2 + 1], -7.0f);
+        }
+    }
+}
+
+// SIMD targets generate the factors straight into the rank update's packed operands: bitwise the
+// same as rank_update(G, U, V, 1) on the explicit U = [a_k A_k ...], V = [B_k ...] of each chunk
+// (ragged panel and block edges, a short last chunk), and the layouts that take the unpacked path
+// (column-major, strided G) agree with it bitwise too. (The scalar target's rank_update rounds
+// a * b + c twice, so the comparison runs on the SIMD targets.)
+TEST(EsUpdate, PackedFactorsEqualRankUpdateOfExplicitFactors) {
+  TargetGuard guard;
+  int targets = 0;
+  for (Target t : {Target::avx2, Target::avx2_128, Target::avx512}) {
+    if (!supported(t)) continue;
+    ++targets;
+    force_target(t);
+    SCOPED_TRACE(lowrank::to_string(t));
+    check_packed_factors();
+  }
+  if (targets == 0) GTEST_SKIP() << "no SIMD target here";
+}
+
 
 TEST(EsUpdate, RankOfTheSumIsAtMostNR) {
   // 3 pairs, r = 2 -> rank <= 6 < min(out, in): the residual after projecting on 6 directions is 0.

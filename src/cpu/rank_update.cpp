@@ -14,6 +14,7 @@
 #include "lowrank/core/threading.hpp"
 #include "lowrank/kernels/convert.hpp"
 #include "lowrank/kernels/targets.hpp"
+#include "rank_update_packed.hpp"
 #include "view_checks-inl.hpp"
 
 #if defined(LOWRANK_HAVE_OPENMP)
@@ -377,6 +378,42 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
 }
 
 }  // namespace
+
+PackedOperands packed_operands(Index m, Index n, Index r) {
+  const RankUpdateKernels& kern = rank_update_kernels(active_target());
+  PackedOperands ops;
+  ops.m = m, ops.n = n, ops.r = r, ops.mr = kern.mr_f32, ops.nr = kern.nr_f32;
+  Workspace& ws = tls_workspace;
+  ops.a = workspace(ws.a32, static_cast<std::size_t>(ops.panels() * r * ops.mr));
+  ops.b = workspace(ws.b32, static_cast<std::size_t>(ops.blocks() * r * ops.nr));
+  return ops;
+}
+
+void rank_update_packed(MatrixView<float> c, const PackedOperands& ops, int max_threads) {
+  const RankUpdateKernels& kern = rank_update_kernels(active_target());
+  const Index m = c.rows, n = c.cols, r = ops.r, mr = ops.mr, nr = ops.nr;
+  const Index panels = ops.panels();
+  const Index nc = column_block(n, r, static_cast<int>(nr), sizeof(float));
+  // As in run(): the next panel's stretch (mr rows further down) with several column blocks.
+  const Index prefetch = nc < n ? mr * c.row_stride : static_cast<Index>(1024 / sizeof(float));
+  int threads = max_threads > 0 ? std::min(max_threads, num_threads()) : num_threads();
+  if (static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(r) < 1 << 18) threads = 1;
+  threads = static_cast<int>(std::max<Index>(1, std::min<Index>(threads, panels)));
+#if defined(LOWRANK_HAVE_OPENMP)
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+  for (Index j0 = 0; j0 < n; j0 += nc) {
+    const Index width = std::min(nc, n - j0);
+    const float* bblock = ops.b + (j0 / nr) * r * nr;
+#if defined(LOWRANK_HAVE_OPENMP)
+#pragma omp for schedule(static) nowait
+#endif
+    for (Index p = 0; p < panels; ++p) {
+      kern.f32(ops.a + p * r * mr, bblock, r, &c(p * mr, j0), c.row_stride, std::min(mr, m - p * mr), width,
+               prefetch);
+    }
+  }
+}
 
 const RankUpdateKernels& rank_update_kernels(Target target) {
   switch (target) {

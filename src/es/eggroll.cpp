@@ -13,6 +13,7 @@
 #endif
 
 #include "../cpu/es_kernels_api.hpp"
+#include "../cpu/rank_update_packed.hpp"
 #include "../cpu/view_checks-inl.hpp"
 #include "lowrank/core/error.hpp"
 #include "lowrank/core/threading.hpp"
@@ -406,6 +407,46 @@ double update_scale(UpdateScale scale, std::int64_t population, double sigma) no
   }
 }
 
+namespace {
+
+// Columns [k0, k0 + kn) of a packed operand (panels of W rows: packed[(p depth + k) W + i] holds
+// row p W + i of column k, rows past `length` zero) from kn contiguous columns of `length` floats.
+template <int W>
+void scatter_packed_w(float* packed, Index depth, const float* cols, Index length, Index k0, Index kn) {
+  const Index full = length / W;
+  for (Index p = 0; p < full; ++p) {
+    float* dst = packed + (p * depth + k0) * W;
+    for (Index k = 0; k < kn; ++k)
+      for (int i = 0; i < W; ++i) dst[k * W + i] = cols[k * length + p * W + i];
+  }
+  if (full * W < length) {
+    const Index rows = length - full * W;
+    float* dst = packed + (full * depth + k0) * W;
+    for (Index k = 0; k < kn; ++k)
+      for (int i = 0; i < W; ++i) dst[k * W + i] = i < rows ? cols[k * length + full * W + i] : 0.0f;
+  }
+}
+
+void scatter_packed(float* packed, Index depth, Index width, const float* cols, Index length, Index k0, Index kn) {
+  switch (width) {
+    case 3: return scatter_packed_w<3>(packed, depth, cols, length, k0, kn);
+    case 6: return scatter_packed_w<6>(packed, depth, cols, length, k0, kn);
+    case 8: return scatter_packed_w<8>(packed, depth, cols, length, k0, kn);
+    case 16: return scatter_packed_w<16>(packed, depth, cols, length, k0, kn);
+    case 32: return scatter_packed_w<32>(packed, depth, cols, length, k0, kn);
+    default: break;
+  }
+  const Index panels = (length + width - 1) / width;
+  for (Index p = 0; p < panels; ++p)
+    for (Index k = 0; k < kn; ++k)
+      for (Index i = 0; i < width; ++i) {
+        const Index row = p * width + i;
+        packed[(p * depth + k0 + k) * width + i] = row < length ? cols[k * length + row] : 0.0f;
+      }
+}
+
+}  // namespace
+
 void aggregate_update(const Perturbation& p, std::span<const double> fitness, double c, MatrixView<float> G,
                       const AggregateOptions& options) {
   constexpr const char* fn = "aggregate_update";
@@ -432,6 +473,64 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
   const int threads =
       thread_count_for(static_cast<double>(active.size()) * static_cast<double>(in + out) * r, options.max_threads);
   const std::int64_t per = std::min<std::int64_t>(chunk, static_cast<std::int64_t>(active.size()));
+  // The factors of noise index `index`, scaled: u = a_k A_k (out x r) and v = B_k (in x r), both
+  // column-major (column j of u at u + j out).
+  auto factors = [&](std::uint32_t index, float* u, float* v) {
+    const auto a = static_cast<float>(coef * w[index]);
+    const std::size_t n_b = static_cast<std::size_t>(in) * r;
+    if (r == 1) {  // the stream is B then A: straight into V's and U's columns
+      fill_normals(kern, p.key, index, 0, static_cast<std::uint64_t>(in), v);
+      fill_normals(kern, p.key, index, static_cast<std::uint64_t>(in), static_cast<std::uint64_t>(out), u);
+      for (Index i = 0; i < out; ++i) u[i] = a * u[i];
+    } else if (r == 4) {  // generated transposed, straight into the columns
+      kern.factors_t4(p.key, index, in, out, v, u);
+      for (Index i = 0; i < 4 * out; ++i) u[i] = a * u[i];
+    } else {  // row-major factors: scatter their columns
+      float* st = grow(tls_buffers.stream, n_b + static_cast<std::size_t>(out) * r);
+      fill_normals(kern, p.key, index, 0, n_b + static_cast<std::uint64_t>(out) * r, st);
+      for (Index i = 0; i < in; ++i)
+        for (int j = 0; j < r; ++j) v[static_cast<std::size_t>(j) * in + i] = st[static_cast<std::size_t>(i) * r + j];
+      for (Index i = 0; i < out; ++i)
+        for (int j = 0; j < r; ++j) {
+          u[static_cast<std::size_t>(j) * out + i] = a * st[n_b + static_cast<std::size_t>(i) * r + j];
+        }
+    }
+  };
+  if (kern.update_fused == nullptr && G.col_stride == 1) {
+    // SIMD targets, unit column stride: each chunk's factors go straight into the rank update's
+    // packed operands (U's columns in panels of MR rows, V's in blocks of NR rows), then one
+    // rank_update_packed: the same bits as rank_update(G, U, V, 1) on the matrices below, without
+    // writing U and V and packing them again.
+    for (std::size_t c0 = 0; c0 < active.size(); c0 += static_cast<std::size_t>(per)) {
+      const auto cnt =
+          static_cast<std::int64_t>(std::min<std::size_t>(static_cast<std::size_t>(per), active.size() - c0));
+      const Index depth = static_cast<Index>(cnt) * r;
+      const detail::PackedOperands ops = detail::packed_operands(out, in, depth);
+      const Index mr = ops.mr, nr = ops.nr;
+      // Groups of noise indices (about 16 columns of U and V each) per task: a panel's stretch
+      // for the whole group is then one contiguous write (one column at a time wrote a few
+      // bytes into every panel per column: 3% of the update, a TLB entry per panel).
+      const std::int64_t group = std::max(1, 16 / r);
+      const std::int64_t groups = (cnt + group - 1) / group;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && groups > 1)
+      for (std::int64_t gi = 0; gi < groups; ++gi) {
+        ThreadBuffers& tb = tls_buffers;
+        const std::int64_t q0 = gi * group, qn = std::min(cnt, q0 + group) - q0;
+        float* u = grow(tb.at, static_cast<std::size_t>(out) * r * group);
+        float* v = grow(tb.bt, static_cast<std::size_t>(in) * r * group);
+        for (std::int64_t q = 0; q < qn; ++q) {
+          factors(active[c0 + static_cast<std::size_t>(q0 + q)], u + static_cast<std::size_t>(q) * r * out,
+                  v + static_cast<std::size_t>(q) * r * in);
+        }
+        // Columns q r + j of the group: u + (q r + j) out and v + (q r + j) in.
+        const Index k0 = static_cast<Index>(q0) * r, kn = static_cast<Index>(qn) * r;
+        scatter_packed(ops.a, depth, mr, u, out, k0, kn);
+        scatter_packed(ops.b, depth, nr, v, in, k0, kn);
+      }
+      detail::rank_update_packed(G, ops, options.max_threads);
+    }
+    return;
+  }
   // U (out x per r) and V (in x per r), column-major: column q r + j holds a_k A_k[:, j] and B_k[:, j].
   float* const U = grow(tls_call.u, static_cast<std::size_t>(out) * per * r);
   float* const V = grow(tls_call.v, static_cast<std::size_t>(in) * per * r);
@@ -439,28 +538,8 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
     const auto cnt = static_cast<std::int64_t>(std::min<std::size_t>(static_cast<std::size_t>(per), active.size() - c0));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && cnt > 1)
     for (std::int64_t q = 0; q < cnt; ++q) {
-      const std::uint32_t index = active[c0 + static_cast<std::size_t>(q)];
-      const auto a = static_cast<float>(coef * w[index]);
-      float* u = U + static_cast<std::size_t>(q) * r * static_cast<std::size_t>(out);
-      float* v = V + static_cast<std::size_t>(q) * r * static_cast<std::size_t>(in);
-      const std::size_t n_b = static_cast<std::size_t>(in) * r;
-      if (r == 1) {  // the stream is B then A: straight into V's and U's columns
-        fill_normals(kern, p.key, index, 0, static_cast<std::uint64_t>(in), v);
-        fill_normals(kern, p.key, index, static_cast<std::uint64_t>(in), static_cast<std::uint64_t>(out), u);
-        for (Index i = 0; i < out; ++i) u[i] = a * u[i];
-      } else if (r == 4) {  // generated transposed, straight into the columns
-        kern.factors_t4(p.key, index, in, out, v, u);
-        for (Index i = 0; i < 4 * out; ++i) u[i] = a * u[i];
-      } else {  // row-major factors: scatter their columns
-        float* st = grow(tls_buffers.stream, n_b + static_cast<std::size_t>(out) * r);
-        fill_normals(kern, p.key, index, 0, n_b + static_cast<std::uint64_t>(out) * r, st);
-        for (Index i = 0; i < in; ++i)
-          for (int j = 0; j < r; ++j) v[static_cast<std::size_t>(j) * in + i] = st[static_cast<std::size_t>(i) * r + j];
-        for (Index i = 0; i < out; ++i)
-          for (int j = 0; j < r; ++j) {
-            u[static_cast<std::size_t>(j) * out + i] = a * st[n_b + static_cast<std::size_t>(i) * r + j];
-          }
-      }
+      factors(active[c0 + static_cast<std::size_t>(q)], U + static_cast<std::size_t>(q) * r * static_cast<std::size_t>(out),
+              V + static_cast<std::size_t>(q) * r * static_cast<std::size_t>(in));
     }
     const Index cols = static_cast<Index>(cnt) * r;
     if (kern.update_fused != nullptr) {
