@@ -130,6 +130,21 @@ inline void normal_pairs8(const __m256i* w0, const __m256i* w1, __m256* c_out, _
   }
 }
 
+// Eight blocks' normals (cosine and sine branches of the word pairs (0, 1) and (2, 3), lane l =
+// block l) stored in block order: block l -> (c01[l], s01[l], c23[l], s23[l]).
+inline void store_blocks8(__m256 c01, __m256 s01, __m256 c23, __m256 s23, float* o) {
+  const __m256 t0 = _mm256_unpacklo_ps(c01, s01), t1 = _mm256_unpackhi_ps(c01, s01);
+  const __m256 t2 = _mm256_unpacklo_ps(c23, s23), t3 = _mm256_unpackhi_ps(c23, s23);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  _mm256_storeu_ps(o, _mm256_permute2f128_ps(u0, u1, 0x20));
+  _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
+  _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
+  _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+}
+
 void normals_avx2(const es::NoiseKey& key, std::uint32_t index, std::uint32_t first_block, std::uint64_t blocks,
                   float* out) {
   const RoundKeys keys(static_cast<std::uint32_t>(key.seed), static_cast<std::uint32_t>(key.seed >> 32));
@@ -137,26 +152,27 @@ void normals_avx2(const es::NoiseKey& key, std::uint32_t index, std::uint32_t fi
   // computed and dropped), so that this TU calls no inline function of the headers: one compiled
   // with AVX2 flags could be picked by the linker for other callers (see kernel_api.hpp).
   alignas(32) float tail[32];
-  for (std::uint64_t b = 0; b < blocks; b += 8) {
+  std::uint64_t b = 0;
+  // Sixteen blocks per pass (two Philox calls, one transform over four groups of pairs; see
+  // rows4_t).
+  for (; b + 16 <= blocks; b += 16) {
+    __m256i wa[4], wb[4];
+    philox8(first_block + static_cast<std::uint32_t>(b), index, key.epoch, key.layer, keys, wa);
+    philox8(first_block + static_cast<std::uint32_t>(b + 8), index, key.epoch, key.layer, keys, wb);
+    const __m256i w0[4] = {wa[0], wa[2], wb[0], wb[2]}, w1[4] = {wa[1], wa[3], wb[1], wb[3]};
+    __m256 cc[4], ss[4];
+    normal_pairs8<4>(w0, w1, cc, ss);
+    store_blocks8(cc[0], ss[0], cc[1], ss[1], out + 4 * b);
+    store_blocks8(cc[2], ss[2], cc[3], ss[3], out + 4 * (b + 8));
+  }
+  for (; b < blocks; b += 8) {
     const bool full = b + 8 <= blocks;
     __m256i w[4];
     philox8(first_block + static_cast<std::uint32_t>(b), index, key.epoch, key.layer, keys, w);
     const __m256i w0[2] = {w[0], w[2]}, w1[2] = {w[1], w[3]};
     __m256 cc[2], ss[2];
     normal_pairs8<2>(w0, w1, cc, ss);
-    const __m256 c01 = cc[0], s01 = ss[0], c23 = cc[1], s23 = ss[1];
-    // Transpose to block order: block l -> (c01[l], s01[l], c23[l], s23[l]).
-    const __m256 t0 = _mm256_unpacklo_ps(c01, s01), t1 = _mm256_unpackhi_ps(c01, s01);
-    const __m256 t2 = _mm256_unpacklo_ps(c23, s23), t3 = _mm256_unpackhi_ps(c23, s23);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
-    const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
-    const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-    float* o = full ? out + 4 * b : tail;
-    _mm256_storeu_ps(o, _mm256_permute2f128_ps(u0, u1, 0x20));
-    _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
-    _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
-    _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+    store_blocks8(cc[0], ss[0], cc[1], ss[1], full ? out + 4 * b : tail);
     if (!full) {
       for (std::uint64_t q = 0; q < 4 * (blocks - b); ++q) out[4 * b + q] = tail[q];
     }
@@ -173,7 +189,25 @@ void rows4_t(const es::NoiseKey& key, std::uint32_t index, std::uint32_t first_b
              std::ptrdiff_t ld) {
   const RoundKeys keys(static_cast<std::uint32_t>(key.seed), static_cast<std::uint32_t>(key.seed >> 32));
   alignas(32) float tail[4][8];
-  for (std::ptrdiff_t i = 0; i < rows; i += 8) {
+  std::ptrdiff_t i0 = 0;
+  // Sixteen rows per pass: two Philox calls, then one transform over all four groups of pairs
+  // (6-8% fewer cycles per normal than two passes of eight on Zen 3; three calls spill).
+  for (; i0 + 16 <= rows; i0 += 16) {
+    __m256i wa[4], wb[4];
+    philox8(first_block + static_cast<std::uint32_t>(i0), index, key.epoch, key.layer, keys, wa);
+    philox8(first_block + static_cast<std::uint32_t>(i0 + 8), index, key.epoch, key.layer, keys, wb);
+    const __m256i w0[4] = {wa[0], wa[2], wb[0], wb[2]}, w1[4] = {wa[1], wa[3], wb[1], wb[3]};
+    __m256 cc[4], ss[4];
+    normal_pairs8<4>(w0, w1, cc, ss);
+    for (int h = 0; h < 2; ++h) {
+      float* o = t + i0 + 8 * h;
+      _mm256_storeu_ps(o, cc[2 * h]);
+      _mm256_storeu_ps(o + ld, ss[2 * h]);
+      _mm256_storeu_ps(o + 2 * ld, cc[2 * h + 1]);
+      _mm256_storeu_ps(o + 3 * ld, ss[2 * h + 1]);
+    }
+  }
+  for (std::ptrdiff_t i = i0; i < rows; i += 8) {
     __m256i w[4];
     philox8(first_block + static_cast<std::uint32_t>(i), index, key.epoch, key.layer, keys, w);
     __m256 col[4];
