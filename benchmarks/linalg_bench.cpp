@@ -31,6 +31,8 @@
 #include "lowrank/core/philox.hpp"
 #include "lowrank/linalg/svd.hpp"
 
+#include "bench_util.hpp"
+
 namespace {
 
 using Index = Eigen::Index;
@@ -152,4 +154,4 @@ const int registered = register_all();
 
 }  // namespace
 
-BENCHMARK_MAIN();
+LOWRANK_BENCHMARK_MAIN()

@@ -483,15 +483,15 @@ TEST(EsUpdate, BitwiseIndependentOfThreadsAndIdenticalOnEveryTarget) {
   EXPECT_EQ(sc, run(1));
 }
 
-void check_packed_factors() {
-  const Index out = 23, in = 37;
-  const std::int64_t n = 14;
+void check_packed_factors(Index out, Index in, std::int64_t n, std::initializer_list<int> ranks,
+                          std::initializer_list<std::int64_t> chunks, int threads) {
   std::vector<double> f(n);
   for (std::int64_t i = 0; i < n; ++i) f[i] = i == 4 ? 0.0 : std::sin(1.3 * double(i)) + 0.2;  // index 4 skipped
   const double c = 0.37;
-  for (int r : {1, 3, 4})
-    for (std::int64_t chunk : {0, 1, 3}) {
-      SCOPED_TRACE(testing::Message() << "r " << r << " chunk " << chunk);
+  for (int r : ranks)
+    for (std::int64_t chunk : chunks) {
+      SCOPED_TRACE(testing::Message() << out << "x" << in << " N " << n << " r " << r << " chunk " << chunk
+                                      << " threads " << threads);
       const Perturbation p = make_p(r, n, Antithetic::none);
       // The collapsed fitness and the active indices, as aggregate_update forms them.
       std::vector<double> w(n, 0.0);
@@ -522,8 +522,10 @@ void check_packed_factors() {
         lowrank::rank_update(row_major(ref.data(), out, in), MatrixView<const float>(U.data(), out, cols, 1, out),
                              MatrixView<const float>(V.data(), in, cols, 1, in), 1.0);
       }
+      ASSERT_NE(ref, g0);
       es::AggregateOptions o;
       o.chunk = chunk;
+      o.max_threads = threads;
       std::vector<float> g = g0;
       es::aggregate_update(p, f, c, row_major(g.data(), out, in), o);
       EXPECT_EQ(0, std::memcmp(g.data(), ref.data(), g.size() * sizeof(float)));
@@ -555,7 +557,10 @@ TEST(EsUpdate, PackedFactorsEqualRankUpdateOfExplicitFactors) {
     ++targets;
     force_target(t);
     SCOPED_TRACE(lowrank::to_string(t));
-    check_packed_factors();
+    check_packed_factors(23, 37, 14, {1, 3, 4}, {0, 1, 3}, 0);
+    // Several groups at r = 1, several threads, several chunks (256, 256, 87 indices) and, with
+    // 300 columns, several column blocks of the rank update.
+    for (int threads : {1, 2, 3}) check_packed_factors(70, 300, 600, {1}, {0}, threads);
   }
   if (targets == 0) GTEST_SKIP() << "no SIMD target here";
 }
@@ -737,8 +742,8 @@ TEST(EsMemory, NoPopulationSizedAllocation) {
   es::aggregate_update(p, f, 1.0 / n, row_major(g.data(), out, in));
   g_track = false;
   // N m n floats would be 128 MiB; factors for all members N (m + n) r would be 4 MiB. The largest
-  // single allocation must stay near one chunk's factors (256 (m + n) floats = 512 KiB; the rank
-  // update packs them once more, padded).
+  // single allocation must stay near one chunk's factors (256 (m + n) floats = 512 KiB, held once:
+  // in the rank update's packed operands on SIMD targets, as U and V on the scalar one).
   EXPECT_LT(g_largest.load(), std::size_t(n) * (out + in) * 4 * sizeof(float) / 2);
   EXPECT_LE(g_largest.load(), std::size_t(2) * 256 * (out + in) * sizeof(float));
 }

@@ -70,9 +70,17 @@ Panels make_panels(Index m, int mr) {
   return panels;
 }
 
+// Prefetch of p + offset elements, the address formed as an integer: it may lie past the operand
+// (prefetches never fault, but pointer arithmetic out of bounds is undefined).
+template <class T>
+void prefetch_at(const T* p, Index offset) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) +
+                                                   static_cast<std::uintptr_t>(offset) * sizeof(T)));
+}
+
 // One packed value: alpha * x computed in double and rounded once to the compute type C. With
 // alpha == 1 the product is exact, so the conversion alone gives the same bits (and the packing
-// loops below are plain copies the compiler vectorizes).
+// loops below are plain copies, without an fp64 multiply per element).
 template <class C, class TF>
 C packed_value(TF x, double alpha, bool unit) {
   return unit ? static_cast<C>(to_compute(x)) : static_cast<C>(alpha * to_compute(x));
@@ -96,8 +104,9 @@ void pack_a_panel(const MatrixView<const TF>& a, double alpha, const Panels& pan
 }
 
 // Column-major operands are packed by tiles of kPackDepth columns across all panels (blocks):
-// each tile reads kPackDepth x MR (NR) sequential streams, a cache line of each serving several
-// panels, and writes each panel's stretch contiguously. Packing a column-major operand panel by
+// each tile reads kPackDepth x MR sequential streams for A (kPackDepth for B, NR consecutive
+// values per block), a cache line of each serving several panels, and writes each panel's stretch
+// contiguously. Packing a column-major operand panel by
 // panel instead reads one cache line per element, far apart (measured: 20% of a rank-256 update
 // of a 1024 x 1024 matrix, the packing then costing more than a quarter of the product).
 constexpr Index kPackDepth = 8;
@@ -114,7 +123,7 @@ void pack_a_columns(const MatrixView<const TF>& a, double alpha, const Panels& p
     for (Index k = k0; k < k1; ++k) {
       const TF* col = a.data + k * a.col_stride + first * a.row_stride;
       if (step > 1 && first % 16 == 0) {
-        for (int i = 0; i < mr; ++i) __builtin_prefetch(col + (i * step + 64) * a.row_stride);
+        for (int i = 0; i < mr; ++i) prefetch_at(col, (i * step + 64) * a.row_stride);
       }
       for (int i = 0; i < mr; ++i) {
         dst[k * mr + i] = i < rows ? packed_value<C>(col[i * step * a.row_stride], alpha, unit) : C(0);
@@ -148,7 +157,7 @@ void pack_b_columns(const MatrixView<const TF>& b, double alpha, int nr, const i
     C* dst = bpack + q * r * nr;
     for (Index k = k0; k < k1; ++k) {
       const TF* col = b.data + k * b.col_stride;
-      __builtin_prefetch(col + (q * nr + 4 * nr) * b.row_stride);
+      prefetch_at(col, (q * nr + 4 * nr) * b.row_stride);
       for (int j = 0; j < nr; ++j) {
         const Index row = q * nr + (order != nullptr ? order[j] : j);
         dst[k * nr + j] = row < b.rows ? packed_value<C>(col[row * b.row_stride], alpha, unit) : C(0);
@@ -382,7 +391,7 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
 PackedOperands packed_operands(Index m, Index n, Index r) {
   const RankUpdateKernels& kern = rank_update_kernels(active_target());
   PackedOperands ops;
-  ops.m = m, ops.n = n, ops.r = r, ops.mr = kern.mr_f32, ops.nr = kern.nr_f32;
+  ops.m = m, ops.n = n, ops.r = r, ops.mr = kern.mr_f32, ops.nr = kern.nr_f32, ops.kernels = &kern;
   Workspace& ws = tls_workspace;
   ops.a = workspace(ws.a32, static_cast<std::size_t>(ops.panels() * r * ops.mr));
   ops.b = workspace(ws.b32, static_cast<std::size_t>(ops.blocks() * r * ops.nr));
@@ -390,7 +399,11 @@ PackedOperands packed_operands(Index m, Index n, Index r) {
 }
 
 void rank_update_packed(MatrixView<float> c, const PackedOperands& ops, int max_threads) {
-  const RankUpdateKernels& kern = rank_update_kernels(active_target());
+  if (ops.kernels == nullptr || c.rows != ops.m || c.cols != ops.n || (c.col_stride != 1 && c.cols > 1)) {
+    fail("rank_update_packed", "C ({}x{}, column stride {}) does not match the packed operands ({}x{})", c.rows,
+         c.cols, c.col_stride, ops.m, ops.n);
+  }
+  const RankUpdateKernels& kern = *ops.kernels;
   const Index m = c.rows, n = c.cols, r = ops.r, mr = ops.mr, nr = ops.nr;
   const Index panels = ops.panels();
   const Index nc = column_block(n, r, static_cast<int>(nr), sizeof(float));

@@ -497,10 +497,10 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
     }
   };
   if (kern.update_fused == nullptr && G.col_stride == 1) {
-    // SIMD targets, unit column stride: each chunk's factors go straight into the rank update's
-    // packed operands (U's columns in panels of MR rows, V's in blocks of NR rows), then one
-    // rank_update_packed: the same bits as rank_update(G, U, V, 1) on the matrices below, without
-    // writing U and V and packing them again.
+    // SIMD targets, unit column stride: each group's factors are scattered into the rank
+    // update's packed operands (U's columns in panels of MR rows, V's in blocks of NR rows), then
+    // one rank_update_packed per chunk: the same bits as rank_update(G, U, V, 1) on the matrices
+    // below, without forming the chunk's whole U and V and packing them again.
     for (std::size_t c0 = 0; c0 < active.size(); c0 += static_cast<std::size_t>(per)) {
       const auto cnt =
           static_cast<std::int64_t>(std::min<std::size_t>(static_cast<std::size_t>(per), active.size() - c0));

@@ -168,8 +168,9 @@ struct AggregateOptions {
 /// targets' rank update adds the products in order with fused multiply-adds, and the scalar target
 /// does the same with `std::fma` (a library call, so slow, on x86 builds without FMA instructions).
 /// Allocation: O(N) scratch for the collapsed fitness per call; the chunk's factors live in
-/// per-thread buffers that only grow (on SIMD targets with a unit column stride of G, directly in
-/// the rank update's packed operands: U and V are never formed).
+/// per-thread buffers that only grow (on SIMD targets with a unit column stride of G, each group
+/// of about 16 factor columns is scattered into the rank update's packed operands: the chunk's
+/// whole U and V are never formed).
 /// \throws Error (G unchanged) on `fitness.size() != N`, non-finite fitness or c, bad perturbation
 ///   parameters, or a G that is not `out x in` for the given shape.
 void aggregate_update(const Perturbation& p, std::span<const double> fitness, double c, MatrixView<float> G,
