@@ -116,6 +116,13 @@ void expect_near_reference(const MatrixView<float>& y, const MatrixView<float>& 
   Index rank = 0;
   for (const Term* term : terms) rank += term->a.view.rows;
   const double gamma = static_cast<double>(in + rank + 4) * 0x1.0p-24;
+  // W and X widened to double once (converting per product dominated the tests' time under the
+  // sanitizers).
+  std::vector<double> wd(static_cast<std::size_t>(y.cols * in)), xd(static_cast<std::size_t>(y.rows * in));
+  for (Index o = 0; o < y.cols; ++o)
+    for (Index i = 0; i < in; ++i) wd[static_cast<std::size_t>(o * in + i)] = w.at(o, i);
+  for (Index t = 0; t < y.rows; ++t)
+    for (Index i = 0; i < in; ++i) xd[static_cast<std::size_t>(t * in + i)] = to_double(x(t, i));
   // X A_j^T and its magnitude, per term, token and rank index.
   std::vector<std::vector<double>> xa(terms.size()), xa_mag(terms.size());
   for (std::size_t j = 0; j < terms.size(); ++j) {
@@ -125,18 +132,11 @@ void expect_near_reference(const MatrixView<float>& y, const MatrixView<float>& 
     for (Index t = 0; t < y.rows; ++t)
       for (Index k = 0; k < av.rows; ++k)
         for (Index i = 0; i < in; ++i) {
-          const double p = to_double(x(t, i)) * to_double(av(k, i));
+          const double p = xd[static_cast<std::size_t>(t * in + i)] * to_double(av(k, i));
           xa[j][static_cast<std::size_t>(t * av.rows + k)] += p;
           xa_mag[j][static_cast<std::size_t>(t * av.rows + k)] += std::abs(p);
         }
   }
-  // W and X widened to double once (converting per product dominated the tests' time under the
-  // sanitizers).
-  std::vector<double> wd(static_cast<std::size_t>(y.cols * in)), xd(static_cast<std::size_t>(y.rows * in));
-  for (Index o = 0; o < y.cols; ++o)
-    for (Index i = 0; i < in; ++i) wd[static_cast<std::size_t>(o * in + i)] = w.at(o, i);
-  for (Index t = 0; t < y.rows; ++t)
-    for (Index i = 0; i < in; ++i) xd[static_cast<std::size_t>(t * in + i)] = to_double(x(t, i));
   for (Index t = 0; t < y.rows; ++t)
     for (Index o = 0; o < y.cols; ++o) {
       double ref = 0, mag = 0;
@@ -174,7 +174,7 @@ struct Shape {
 // outputs than an axpy column block (256), rank 1 and a rank above the lane counts.
 const Shape kShapes[] = {{1, 1, 1, 1},  {1, 7, 5, 2},    {3, 17, 9, 3},  {2, 33, 13, 16}, {17, 9, 19, 5},
                          {4, 16, 24, 4}, {5, 40, 7, 17}, {1, 65, 31, 1}, {17, 23, 261, 3},
-                         {18, 523, 10, 2},   // several k chunks (512 on the GEMM path) with a tail
+                         {18, 523, 10, 2},   // several k chunks (256) with a tail
                          // The GEMM path (from lora_forward_gemm_tokens): ragged token panels
                          // (MR 3, 4, 6, 8), ragged output panels (NR 4, 16, 32), k chunks with a
                          // tail, more outputs than a column block (64).

@@ -244,6 +244,14 @@ Index column_block(Index n, Index r, int nr, std::size_t elem) {
   return std::min(cols, (n + nr - 1) / nr * nr);
 }
 
+// Threads for an m x n update of rank r over `panels` row panels: at most max_threads (0: all),
+// one below 2^18 multiply-adds, never more than panels.
+int update_threads(int max_threads, Index m, Index n, Index r, Index panels) {
+  int threads = max_threads > 0 ? std::min(max_threads, num_threads()) : num_threads();
+  if (static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(r) < 1 << 18) threads = 1;
+  return static_cast<int>(std::max<Index>(1, std::min<Index>(threads, panels)));
+}
+
 // The panel kernel for storage type T (T is also the compute type on the gather path).
 template <class T>
 void call_panel(const RankUpdateKernels& k, const compute_t<T>* a, const compute_t<T>* b, Index r, T* c,
@@ -286,9 +294,7 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
   // prefetch the same stretch of the next panel (one row further down: see Panels).
   const Index prefetch = nc < n ? c.row_stride : static_cast<Index>(1024 / sizeof(TW));
 
-  int threads = options.max_threads > 0 ? std::min(options.max_threads, num_threads()) : num_threads();
-  if (static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(r) < 1 << 18) threads = 1;
-  threads = static_cast<int>(std::max<Index>(1, std::min<Index>(threads, panels)));
+  const int threads = update_threads(options.max_threads, m, n, r, panels);
   const RandomStream random(options.seed, options.stream);
 
   Workspace& ws = tls_workspace;
@@ -409,9 +415,7 @@ void rank_update_packed(MatrixView<float> c, const PackedOperands& ops, int max_
   const Index nc = column_block(n, r, static_cast<int>(nr), sizeof(float));
   // As in run(): the next panel's stretch (mr rows further down) with several column blocks.
   const Index prefetch = nc < n ? mr * c.row_stride : static_cast<Index>(1024 / sizeof(float));
-  int threads = max_threads > 0 ? std::min(max_threads, num_threads()) : num_threads();
-  if (static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(r) < 1 << 18) threads = 1;
-  threads = static_cast<int>(std::max<Index>(1, std::min<Index>(threads, panels)));
+  const int threads = update_threads(max_threads, m, n, r, panels);
 #if defined(LOWRANK_HAVE_OPENMP)
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif

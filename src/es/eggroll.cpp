@@ -409,40 +409,36 @@ double update_scale(UpdateScale scale, std::int64_t population, double sigma) no
 
 namespace {
 
-// Columns [k0, k0 + kn) of a packed operand (panels of W rows: packed[(p depth + k) W + i] holds
-// row p W + i of column k, rows past `length` zero) from kn contiguous columns of `length` floats.
+// Columns [k0, k0 + kn) of a packed operand (panels of `width` rows: packed[(p depth + k) width + i]
+// holds row p width + i of column k, rows past `length` zero) from kn contiguous columns of
+// `length` floats. W > 0 fixes the width at compile time (the micro-tiles' 3, 6, 8, 16, 32: the
+// copies become vector moves); W == 0 takes it from `width`.
 template <int W>
-void scatter_packed_w(float* packed, Index depth, const float* cols, Index length, Index k0, Index kn) {
-  const Index full = length / W;
+void scatter_packed_w(float* packed, Index depth, Index width, const float* cols, Index length, Index k0, Index kn) {
+  const Index w = W > 0 ? W : width;
+  const Index full = length / w;
   for (Index p = 0; p < full; ++p) {
-    float* dst = packed + (p * depth + k0) * W;
+    float* dst = packed + (p * depth + k0) * w;
     for (Index k = 0; k < kn; ++k)
-      for (int i = 0; i < W; ++i) dst[k * W + i] = cols[k * length + p * W + i];
+      for (Index i = 0; i < w; ++i) dst[k * w + i] = cols[k * length + p * w + i];
   }
-  if (full * W < length) {
-    const Index rows = length - full * W;
-    float* dst = packed + (full * depth + k0) * W;
+  if (full * w < length) {
+    const Index rows = length - full * w;
+    float* dst = packed + (full * depth + k0) * w;
     for (Index k = 0; k < kn; ++k)
-      for (int i = 0; i < W; ++i) dst[k * W + i] = i < rows ? cols[k * length + full * W + i] : 0.0f;
+      for (Index i = 0; i < w; ++i) dst[k * w + i] = i < rows ? cols[k * length + full * w + i] : 0.0f;
   }
 }
 
 void scatter_packed(float* packed, Index depth, Index width, const float* cols, Index length, Index k0, Index kn) {
   switch (width) {
-    case 3: return scatter_packed_w<3>(packed, depth, cols, length, k0, kn);
-    case 6: return scatter_packed_w<6>(packed, depth, cols, length, k0, kn);
-    case 8: return scatter_packed_w<8>(packed, depth, cols, length, k0, kn);
-    case 16: return scatter_packed_w<16>(packed, depth, cols, length, k0, kn);
-    case 32: return scatter_packed_w<32>(packed, depth, cols, length, k0, kn);
-    default: break;
+    case 3: return scatter_packed_w<3>(packed, depth, width, cols, length, k0, kn);
+    case 6: return scatter_packed_w<6>(packed, depth, width, cols, length, k0, kn);
+    case 8: return scatter_packed_w<8>(packed, depth, width, cols, length, k0, kn);
+    case 16: return scatter_packed_w<16>(packed, depth, width, cols, length, k0, kn);
+    case 32: return scatter_packed_w<32>(packed, depth, width, cols, length, k0, kn);
+    default: return scatter_packed_w<0>(packed, depth, width, cols, length, k0, kn);
   }
-  const Index panels = (length + width - 1) / width;
-  for (Index p = 0; p < panels; ++p)
-    for (Index k = 0; k < kn; ++k)
-      for (Index i = 0; i < width; ++i) {
-        const Index row = p * width + i;
-        packed[(p * depth + k0 + k) * width + i] = row < length ? cols[k * length + row] : 0.0f;
-      }
 }
 
 }  // namespace
