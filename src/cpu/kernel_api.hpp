@@ -37,6 +37,7 @@ struct RankUpdateKernels {
   // kernels widen bf16 pairs with one shift and one mask, which puts even columns in one vector
   // and odd columns in the next; packing B the same way makes that free.
   const int* bf16_b_order;
+  PanelF32 f32_store;  // c is float and is only written: c = a b^T (the GEMM path's first chunk)
 };
 
 // Defined in src/cpu/rank_update_<isa>.cpp; constant-initialized data, so reading them runs no

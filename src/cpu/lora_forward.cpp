@@ -345,9 +345,17 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
   // ---- GEMM path: packing of X and T, and the blocked product per thread ----
   // Depth of the chunk starting at k0, extra columns included.
   auto chunk_depth = [&](Index k0) { return std::min(kGemmDepth, in - k0) + (k0 == last_k0 ? extra : 0); };
-  // Token by token (a row of X is read along memory when X is row-major), into every chunk.
+  // With X contiguous along k, the target's transposing kernel; otherwise token by token (a row
+  // of X is then read along memory when X is row-major), into every chunk.
   auto pack_x_panel = [&](Index p) {
     const Index t0 = p * mr, rows = std::min(mr, tokens - t0);
+    if (X.col_stride == 1) {
+      for (Index k0 = 0; k0 < in; k0 += kGemmDepth) {
+        kern.pack_x(PackXArgs{&X(t0, k0), X.row_stride, rows, std::min(kGemmDepth, in - k0), mr,
+                              xg + k0 * panels * mr + p * mr * chunk_depth(k0)});
+      }
+      return;
+    }
     for (Index i = 0; i < mr; ++i) {
       const float* x = i < rows ? &X(t0 + i, 0) : nullptr;
       for (Index k0 = 0; k0 < in; k0 += kGemmDepth) {
@@ -372,12 +380,11 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
   };
   // Y[:, ob:oe) = [X | T | 1] [W | B | bias]^T: every element is one fp32 chain of fmas in index
   // order (the W part in chunks of kGemmDepth, then the rank_len columns of T, then the bias),
-  // stored between chunks.
+  // stored between chunks; the first chunk starts from +0 without reading Y.
   auto run_gemm = [&](Index ob, Index oe, float* wblock) {
     const Index ldy = Y.row_stride;
     for (Index o0 = ob; o0 < oe; o0 += kGemmCols) {
       const Index cols = std::min(kGemmCols, oe - o0);
-      for (Index t = 0; t < tokens; ++t) std::fill(Y.data + t * ldy + o0, Y.data + t * ldy + o0 + cols, 0.0f);
       for (Index k0 = 0; k0 < in; k0 += kGemmDepth) {
         const Index wdepth = std::min(kGemmDepth, in - k0), depth = chunk_depth(k0);
         for (Index j = 0; j < cols; j += nr) {
@@ -396,8 +403,9 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
             for (Index c = 0; c < width; ++c) rest[rank_len * nr + c] = options.bias[o0 + j + c];
         }
         const float* xchunk = xg + k0 * panels * mr;
+        const PanelF32 panel_kernel = k0 == 0 ? rk.f32_store : rk.f32;  // the first chunk writes Y  // the first chunk writes Y
         for (Index p = 0; p < panels; ++p) {
-          rk.f32(xchunk + p * mr * depth, wblock, depth, Y.data + p * mr * ldy + o0, ldy, std::min(mr, tokens - p * mr),
+          panel_kernel(xchunk + p * mr * depth, wblock, depth, Y.data + p * mr * ldy + o0, ldy, std::min(mr, tokens - p * mr),
                  cols, mr * ldy);
         }
       }

@@ -65,14 +65,27 @@ struct PackWArgs {
   float* dst;
 };
 
+// Packing of X for the GEMM path (X contiguous along k): for i < mr, k < depth,
+//   dst[k*mr + i] = x[i*rs + k] for i < rows; 0 for rows <= i < mr.
+struct PackXArgs {
+  const float* x;
+  FIndex rs;
+  FIndex rows;
+  FIndex depth;
+  FIndex mr;
+  float* dst;
+};
+
 using DotKernel = void (*)(const DotArgs&);
 using AxpyKernel = void (*)(const AxpyArgs&);
 using PackWKernel = void (*)(const PackWArgs&);
+using PackXKernel = void (*)(const PackXArgs&);
 
 struct ForwardKernels {
   DotKernel dot_f32, dot_bf16, dot_f16;
   AxpyKernel axpy_f32, axpy_bf16, axpy_f16;
   PackWKernel pack_w_f32, pack_w_bf16, pack_w_f16;
+  PackXKernel pack_x;
 };
 
 // Defined in src/cpu/lora_forward_<isa>.cpp; constant-initialized.

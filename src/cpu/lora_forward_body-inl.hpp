@@ -259,11 +259,20 @@ void pack_w_kernel(const PackWArgs& p) {
   float* const d = p.dst;
   const FIndex nr = p.nr, depth = p.depth, rs = p.rs, cs = p.cs;
   if (p.rows == nr && nr % 4 == 0 && cs == 1) {
-    // Rows of W contiguous along k (nn.Linear): 4 x 4 transposes.
+    // Rows of W contiguous along k (nn.Linear): 4 x 4 transposes. Each row's chunk is a short
+    // stream on its own page, which the hardware prefetchers learn too late: the rows two groups
+    // ahead (past the last, the next panel's) are prefetched a line at a time. Their
+    // addresses are formed as integers: they may lie outside W (prefetches never fault).
     for (FIndex j = 0; j < nr; j += 4) {
       const S* const r0 = w + j * rs;
+      const std::uintptr_t next = reinterpret_cast<std::uintptr_t>(r0) + static_cast<std::uintptr_t>(8 * rs) * sizeof(S);
+      constexpr FIndex kLine = 64 / sizeof(S);
       FIndex k = 0;
       for (; k + 4 <= depth; k += 4) {
+        if (k % kLine == 0) {
+          for (FIndex q = 0; q < 4; ++q)
+            __builtin_prefetch(reinterpret_cast<const void*>(next + static_cast<std::uintptr_t>(q * rs + k) * sizeof(S)));
+        }
         typename Quad::Q a = Quad::load(r0 + k), b = Quad::load(r0 + rs + k), c = Quad::load(r0 + 2 * rs + k),
                          e = Quad::load(r0 + 3 * rs + k);
         Quad::transpose(a, b, c, e);
@@ -287,6 +296,37 @@ void pack_w_kernel(const PackWArgs& p) {
     for (FIndex j = 0; j < nr; ++j) d[k * nr + j] = j < p.rows ? widen(w[j * rs + k * cs]) : 0.0f;
 }
 
+// Four rows of X at a time through 4 x 4 transposes, then pairs of rows (two-float stores), then
+// single rows; missing rows (i >= rows) read as zeros.
+inline void pack_x_kernel(const PackXArgs& p) {
+  const FIndex mr = p.mr, depth = p.depth, rows = p.rows, rs = p.rs, k4 = depth / 4 * 4;
+  float* const d = p.dst;
+  auto row = [&](FIndex i) -> const float* { return i < rows ? p.x + i * rs : nullptr; };
+  auto load = [](const float* r, FIndex k) { return r != nullptr ? Quad::load(r + k) : Quad::zero(); };
+  FIndex i0 = 0;
+  for (; i0 + 4 <= mr; i0 += 4) {
+    const float *r0 = row(i0), *r1 = row(i0 + 1), *r2 = row(i0 + 2), *r3 = row(i0 + 3);
+    for (FIndex k = 0; k < k4; k += 4) {
+      typename Quad::Q a = load(r0, k), b = load(r1, k), c = load(r2, k), e = load(r3, k);
+      Quad::transpose(a, b, c, e);
+      Quad::store(d + k * mr + i0, a);
+      Quad::store(d + (k + 1) * mr + i0, b);
+      Quad::store(d + (k + 2) * mr + i0, c);
+      Quad::store(d + (k + 3) * mr + i0, e);
+    }
+  }
+  for (; i0 + 2 <= mr; i0 += 2) {
+    const float *r0 = row(i0), *r1 = row(i0 + 1);
+    for (FIndex k = 0; k < k4; k += 4) Quad::store_pairs(d + k * mr + i0, mr, load(r0, k), load(r1, k));
+  }
+  for (; i0 < mr; ++i0) {
+    const float* r0 = row(i0);
+    for (FIndex k = 0; k < k4; ++k) d[k * mr + i0] = r0 != nullptr ? r0[k] : 0.0f;
+  }
+  for (FIndex k = k4; k < depth; ++k)
+    for (FIndex i = 0; i < mr; ++i) d[k * mr + i] = i < rows ? p.x[i * rs + k] : 0.0f;
+}
+
 inline void dot_f32(const DotArgs& a) { dot_kernel<Ops, float>(a); }
 inline void dot_bf16(const DotArgs& a) { dot_kernel<Ops, Bf16>(a); }
 inline void dot_f16(const DotArgs& a) { dot_kernel<Ops, F16>(a); }
@@ -295,4 +335,5 @@ inline void axpy_bf16(const AxpyArgs& a) { axpy_kernel<Ops, Bf16>(a); }
 inline void axpy_f16(const AxpyArgs& a) { axpy_kernel<Ops, F16>(a); }
 
 constexpr ForwardKernels kForwardKernels{&dot_f32,  &dot_bf16, &dot_f16, &axpy_f32, &axpy_bf16, &axpy_f16,
-                                         &pack_w_kernel<float>, &pack_w_kernel<Bf16>, &pack_w_kernel<F16>};
+                                         &pack_w_kernel<float>, &pack_w_kernel<Bf16>, &pack_w_kernel<F16>,
+                                         &pack_x_kernel};

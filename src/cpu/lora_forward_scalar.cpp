@@ -24,7 +24,7 @@ struct Ops {
   static float hsum(V x) { return x; }
 };
 
-// Four lanes as plain floats (the packing of W for the GEMM path).
+// Four lanes as plain floats (the packing of W and X for the GEMM path).
 struct Quad {
   struct Q {
     float v[4];
@@ -35,6 +35,13 @@ struct Quad {
   }
   static void store(float* p, const Q& x) {
     for (int i = 0; i < 4; ++i) p[i] = x.v[i];
+  }
+  static Q zero() { return {{0.0f, 0.0f, 0.0f, 0.0f}}; }
+  static void store_pairs(float* p, std::ptrdiff_t stride, const Q& a, const Q& b) {
+    for (int k = 0; k < 4; ++k) {
+      p[k * stride] = a.v[k];
+      p[k * stride + 1] = b.v[k];
+    }
   }
   static void transpose(Q& a, Q& b, Q& c, Q& d) {
     Q* q[4] = {&a, &b, &c, &d};

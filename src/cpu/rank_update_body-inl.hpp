@@ -65,7 +65,8 @@ inline void store_row(S* p, const V* in) {
   }
 }
 
-template <class Ops, int MR, int NV, class S, class C>
+// kStore: C = A B^T, C only written (every accumulator starts at +0, as from a zeroed C).
+template <class Ops, int MR, int NV, bool kStore, class S, class C>
 inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __restrict c, KIndex ldc,
                  KIndex prefetch) {
   using V = typename Ops::V;
@@ -77,7 +78,12 @@ inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __re
     // The address is formed as an integer: it may lie outside C (prefetches never fault).
     Ops::prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(c + i * ldc) +
                                                 static_cast<std::uintptr_t>(prefetch) * sizeof(S)));
-    load_row<Ops, NV>(c + i * ldc, acc[i]);
+    if constexpr (kStore) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = Ops::set1(0.0f);
+    } else {
+      load_row<Ops, NV>(c + i * ldc, acc[i]);
+    }
   }
   // A long product: the next tile's rows of C, to L1 (the panel's prefetch distance is tuned for
   // short ones, and a line it fetches would leave L1 again before a long product reaches it).
@@ -100,20 +106,22 @@ inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __re
   for (int i = 0; i < MR; ++i) store_row<Ops, NV>(c + i * ldc, acc[i]);
 }
 
-template <class Ops, int MR, int NV, class S, class C>
+template <class Ops, int MR, int NV, bool kStore = false, class S, class C>
 void panel(const C* a, const C* b, KIndex r, S* c, KIndex ldc, KIndex rows, KIndex cols, KIndex prefetch) {
   constexpr KIndex NR = NV * Ops::kLanes;
   KIndex j = 0;
   if (rows == MR) {
-    for (; j + NR <= cols; j += NR) tile<Ops, MR, NV>(a, b + (j / NR) * r * NR, r, c + j, ldc, prefetch);
+    for (; j + NR <= cols; j += NR) tile<Ops, MR, NV, kStore>(a, b + (j / NR) * r * NR, r, c + j, ldc, prefetch);
   }
   // Ragged edge: the same tile on a zero-padded copy of the storage values.
   for (; j < cols; j += NR) {
     S buffer[MR * NR] = {};
     const KIndex width = cols - j < NR ? cols - j : NR;
-    for (KIndex i = 0; i < rows; ++i)
-      for (KIndex jj = 0; jj < width; ++jj) buffer[i * NR + jj] = c[i * ldc + j + jj];
-    tile<Ops, MR, NV>(a, b + (j / NR) * r * NR, r, buffer, NR, 0);
+    if constexpr (!kStore) {
+      for (KIndex i = 0; i < rows; ++i)
+        for (KIndex jj = 0; jj < width; ++jj) buffer[i * NR + jj] = c[i * ldc + j + jj];
+    }
+    tile<Ops, MR, NV, kStore>(a, b + (j / NR) * r * NR, r, buffer, NR, 0);
     for (KIndex i = 0; i < rows; ++i)
       for (KIndex jj = 0; jj < width; ++jj) c[i * ldc + j + jj] = buffer[i * NR + jj];
   }
@@ -122,6 +130,10 @@ void panel(const C* a, const C* b, KIndex r, S* c, KIndex ldc, KIndex rows, KInd
 inline void panel_f32(const float* a, const float* b, KIndex r, void* c, KIndex ldc, KIndex rows, KIndex cols,
                         KIndex prefetch) {
   panel<OpsF32, kMrF32, kNvF32>(a, b, r, static_cast<float*>(c), ldc, rows, cols, prefetch);
+}
+inline void panel_f32_store(const float* a, const float* b, KIndex r, void* c, KIndex ldc, KIndex rows, KIndex cols,
+                            KIndex prefetch) {
+  panel<OpsF32, kMrF32, kNvF32, true>(a, b, r, static_cast<float*>(c), ldc, rows, cols, prefetch);
 }
 inline void panel_bf16(const float* a, const float* b, KIndex r, void* c, KIndex ldc, KIndex rows, KIndex cols,
                         KIndex prefetch) {
@@ -136,6 +148,6 @@ inline void panel_f64(const double* a, const double* b, KIndex r, double* c, KIn
   panel<OpsF64, kMrF64, kNvF64>(a, b, r, c, ldc, rows, cols, prefetch);
 }
 
-constexpr RankUpdateKernels kKernels{kMrF32,      kNvF32 * OpsF32::kLanes, kMrF64,     kNvF64 * OpsF64::kLanes,
-                                     &panel_f32,  &panel_bf16,              &panel_f16, &panel_f64,
-                                     kBf16Order};
+constexpr RankUpdateKernels kKernels{kMrF32,     kNvF32 * OpsF32::kLanes, kMrF64,     kNvF64 * OpsF64::kLanes,
+                                     &panel_f32, &panel_bf16,              &panel_f16, &panel_f64,
+                                     kBf16Order, &panel_f32_store};
