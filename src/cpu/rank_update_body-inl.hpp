@@ -91,6 +91,10 @@ inline void tile(const C* __restrict a, const C* __restrict b, KIndex r, S* __re
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) Ops::prefetch(c + i * ldc + NR);
   }
+  // Four steps of k per loop iteration: in-process A/B on Zen 3, 3-10% faster on the
+  // 512 x 1024 x 1024 GEMM path of linear_forward and 4-14% on the ES update (the fmas keep
+  // their order: same bits).
+#pragma GCC unroll 4
   for (KIndex k = 0; k < r; ++k) {
     V bv[NV];
 #pragma GCC unroll 4
