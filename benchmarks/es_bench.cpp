@@ -3,8 +3,10 @@
 //   es/forward/ratios/d<d>_N<N>_r<r>_t<threads>: the population forward (one input row per member,
 //       fp32 square layer, noise regenerated inside the call) against the plain batched X W^T of
 //       the same batch: OpenBLAS sgemm, Eigen built -march=native, and lowrank's own
-//       linear_forward. `throughput/best_plain` = t(best plain) / t(population forward), the
-//       fraction of plain inference throughput (target >= 0.8).
+//       linear_forward. `throughput/best_blas` = t(faster of OpenBLAS and Eigen) /
+//       t(population forward), the fraction of plain inference throughput against the issue's
+//       baseline (target >= 0.8); `throughput/lowrank_linear` the same against lowrank's own plain
+//       forward (stricter where it is the fastest).
 //   es/update/ratios/d<d>_N<N>_r<r>_t<threads>: the update contraction (noise regenerated, members
 //       of a pair collapsed, one rank-update GEMM per chunk) against the equivalent GEMM
 //       G += U V^T with U (d x N r / 2), V (d x N r / 2) already in memory: OpenBLAS sgemm and
@@ -87,14 +89,14 @@ void bm_forward(benchmark::State& state, Index d, std::int64_t n, int r, int thr
       [&] { lowrank::linear_forward(Xv, Wv, lowrank::row_major(Yb.data(), n, d)); },
   };
   const std::vector<double> t = lowrank_bench::interleaved_medians(state, impls);
-  double best = std::min(t[2], t[3]);
+  double best = t[2];
 #if defined(LOWRANK_BENCH_OPENBLAS)
   best = std::min(best, t[1]);
   state.counters["throughput/openblas"] = t[1] / t[0];
 #endif
   state.counters["throughput/eigen_native"] = t[2] / t[0];
   state.counters["throughput/lowrank_linear"] = t[3] / t[0];
-  state.counters["throughput/best_plain"] = best / t[0];
+  state.counters["throughput/best_blas"] = best / t[0];
   state.counters["forward_ms"] = t[0] * 1e3;
 }
 

@@ -21,10 +21,11 @@ struct EsKernels {
   // x, y contiguous; bt is r x in, at is r x out (row-major, contiguous).
   void (*row_term)(const float* x, const float* bt, const float* at, std::ptrdiff_t in, std::ptrdiff_t out, int r,
                    float scale, float* y);
-  // Rank-4 factors written transposed: bt (4 x in, row j at bt + j * in) and at (4 x out), i.e.
-  // bt[j * in + i] = element 4 i + j and at[j * out + i] = element 4 (in + i) + j of the stream.
+  // Rank-4 factors written transposed: bt (4 x in, row j at bt + j * ldb) and at (4 x out, row j
+  // at at + j * lda), i.e. bt[j * ldb + i] = element 4 i + j and at[j * lda + i] = element
+  // 4 (in + i) + j of the stream.
   void (*factors_t4)(const es::NoiseKey& key, std::uint32_t index, std::ptrdiff_t in, std::ptrdiff_t out, float* bt,
-                     float* at);
+                     std::ptrdiff_t ldb, float* at, std::ptrdiff_t lda);
   // Only the scalar target (nullptr elsewhere): rows [row0, row0 + rows) of G (element (i, j) at
   // g[i * rs + j * cs]) += U V^T with U column-major (out x k, ld out) and V column-major (in x k,
   // ld in), each element as acc = G(i, j); for p in 0..k-1: acc = fma(U(i, p), V(j, p), acc) with

@@ -229,9 +229,9 @@ void rows4_t(const es::NoiseKey& key, std::uint32_t index, std::uint32_t first_b
 }
 
 void factors_t4_avx2(const es::NoiseKey& key, std::uint32_t index, std::ptrdiff_t in, std::ptrdiff_t out, float* bt,
-                     float* at) {
-  rows4_t(key, index, 0, in, bt, in);
-  rows4_t(key, index, static_cast<std::uint32_t>(in), out, at, out);
+                     std::ptrdiff_t ldb, float* at, std::ptrdiff_t lda) {
+  rows4_t(key, index, 0, in, bt, ldb);
+  rows4_t(key, index, static_cast<std::uint32_t>(in), out, at, lda);
 }
 
 // Horizontal sum of the eight lanes in a fixed order.

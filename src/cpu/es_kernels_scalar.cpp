@@ -30,15 +30,15 @@ void row_term_scalar(const float* x, const float* bt, const float* at, std::ptrd
 }
 
 void factors_t4_scalar(const es::NoiseKey& key, std::uint32_t index, std::ptrdiff_t in, std::ptrdiff_t out,
-                       float* bt, float* at) {
+                       float* bt, std::ptrdiff_t ldb, float* at, std::ptrdiff_t lda) {
   float z[4];
   for (std::ptrdiff_t i = 0; i < in; ++i) {
     es::noise_normals4(key, index, static_cast<std::uint32_t>(i), z);
-    for (int j = 0; j < 4; ++j) bt[j * in + i] = z[j];
+    for (int j = 0; j < 4; ++j) bt[j * ldb + i] = z[j];
   }
   for (std::ptrdiff_t i = 0; i < out; ++i) {
     es::noise_normals4(key, index, static_cast<std::uint32_t>(in + i), z);
-    for (int j = 0; j < 4; ++j) at[j * out + i] = z[j];
+    for (int j = 0; j < 4; ++j) at[j * lda + i] = z[j];
   }
 }
 

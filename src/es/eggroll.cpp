@@ -114,7 +114,7 @@ void factors_transposed(const detail::EsKernels& k, const NoiseKey& key, std::ui
   if (r == 4) {  // generated transposed directly
     float* b = grow(tb.bt, n_b);
     float* a = grow(tb.at, n_a);
-    k.factors_t4(key, index, in, out, b, a);
+    k.factors_t4(key, index, in, out, b, in, a, out);
     bt = b;
     at = a;
     return;
@@ -410,34 +410,36 @@ double update_scale(UpdateScale scale, std::int64_t population, double sigma) no
 namespace {
 
 // Columns [k0, k0 + kn) of a packed operand (panels of `width` rows: packed[(p depth + k) width + i]
-// holds row p width + i of column k, rows past `length` zero) from kn contiguous columns of
-// `length` floats. W > 0 fixes the width at compile time (the micro-tiles' 3, 6, 8, 16, 32: the
+// holds row p width + i of column k, rows past `length` zero) from kn columns of `length` floats,
+// `ld` apart. W > 0 fixes the width at compile time (the micro-tiles' 3, 6, 8, 16, 32: the
 // copies become vector moves); W == 0 takes it from `width`.
 template <int W>
-void scatter_packed_w(float* packed, Index depth, Index width, const float* cols, Index length, Index k0, Index kn) {
+void scatter_packed_w(float* packed, Index depth, Index width, const float* cols, Index length, Index ld, Index k0,
+                      Index kn) {
   const Index w = W > 0 ? W : width;
   const Index full = length / w;
   for (Index p = 0; p < full; ++p) {
     float* dst = packed + (p * depth + k0) * w;
     for (Index k = 0; k < kn; ++k)
-      for (Index i = 0; i < w; ++i) dst[k * w + i] = cols[k * length + p * w + i];
+      for (Index i = 0; i < w; ++i) dst[k * w + i] = cols[k * ld + p * w + i];
   }
   if (full * w < length) {
     const Index rows = length - full * w;
     float* dst = packed + (full * depth + k0) * w;
     for (Index k = 0; k < kn; ++k)
-      for (Index i = 0; i < w; ++i) dst[k * w + i] = i < rows ? cols[k * length + full * w + i] : 0.0f;
+      for (Index i = 0; i < w; ++i) dst[k * w + i] = i < rows ? cols[k * ld + full * w + i] : 0.0f;
   }
 }
 
-void scatter_packed(float* packed, Index depth, Index width, const float* cols, Index length, Index k0, Index kn) {
+void scatter_packed(float* packed, Index depth, Index width, const float* cols, Index length, Index ld, Index k0,
+                    Index kn) {
   switch (width) {
-    case 3: return scatter_packed_w<3>(packed, depth, width, cols, length, k0, kn);
-    case 6: return scatter_packed_w<6>(packed, depth, width, cols, length, k0, kn);
-    case 8: return scatter_packed_w<8>(packed, depth, width, cols, length, k0, kn);
-    case 16: return scatter_packed_w<16>(packed, depth, width, cols, length, k0, kn);
-    case 32: return scatter_packed_w<32>(packed, depth, width, cols, length, k0, kn);
-    default: return scatter_packed_w<0>(packed, depth, width, cols, length, k0, kn);
+    case 3: return scatter_packed_w<3>(packed, depth, width, cols, length, ld, k0, kn);
+    case 6: return scatter_packed_w<6>(packed, depth, width, cols, length, ld, k0, kn);
+    case 8: return scatter_packed_w<8>(packed, depth, width, cols, length, ld, k0, kn);
+    case 16: return scatter_packed_w<16>(packed, depth, width, cols, length, ld, k0, kn);
+    case 32: return scatter_packed_w<32>(packed, depth, width, cols, length, ld, k0, kn);
+    default: return scatter_packed_w<0>(packed, depth, width, cols, length, ld, k0, kn);
   }
 }
 
@@ -470,8 +472,8 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
       thread_count_for(static_cast<double>(active.size()) * static_cast<double>(in + out) * r, options.max_threads);
   const std::int64_t per = std::min<std::int64_t>(chunk, static_cast<std::int64_t>(active.size()));
   // The factors of noise index `index`, scaled: u = a_k A_k (out x r) and v = B_k (in x r), both
-  // column-major (column j of u at u + j out).
-  auto factors = [&](std::uint32_t index, float* u, float* v) {
+  // column-major (column j of u at u + j ldu, of v at v + j ldv).
+  auto factors = [&](std::uint32_t index, float* u, Index ldu, float* v, Index ldv) {
     const auto a = static_cast<float>(coef * w[index]);
     const std::size_t n_b = static_cast<std::size_t>(in) * r;
     if (r == 1) {  // the stream is B then A: straight into V's and U's columns
@@ -479,17 +481,16 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
       fill_normals(kern, p.key, index, static_cast<std::uint64_t>(in), static_cast<std::uint64_t>(out), u);
       for (Index i = 0; i < out; ++i) u[i] = a * u[i];
     } else if (r == 4) {  // generated transposed, straight into the columns
-      kern.factors_t4(p.key, index, in, out, v, u);
-      for (Index i = 0; i < 4 * out; ++i) u[i] = a * u[i];
+      kern.factors_t4(p.key, index, in, out, v, ldv, u, ldu);
+      for (int j = 0; j < 4; ++j)
+        for (Index i = 0; i < out; ++i) u[j * ldu + i] = a * u[j * ldu + i];
     } else {  // row-major factors: scatter their columns
       float* st = grow(tls_buffers.stream, n_b + static_cast<std::size_t>(out) * r);
       fill_normals(kern, p.key, index, 0, n_b + static_cast<std::uint64_t>(out) * r, st);
       for (Index i = 0; i < in; ++i)
-        for (int j = 0; j < r; ++j) v[static_cast<std::size_t>(j) * in + i] = st[static_cast<std::size_t>(i) * r + j];
+        for (int j = 0; j < r; ++j) v[j * ldv + i] = st[static_cast<std::size_t>(i) * r + j];
       for (Index i = 0; i < out; ++i)
-        for (int j = 0; j < r; ++j) {
-          u[static_cast<std::size_t>(j) * out + i] = a * st[n_b + static_cast<std::size_t>(i) * r + j];
-        }
+        for (int j = 0; j < r; ++j) u[j * ldu + i] = a * st[n_b + static_cast<std::size_t>(i) * r + j];
     }
   };
   if (kern.update_fused == nullptr && G.col_stride == 1) {
@@ -508,20 +509,24 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
       // bytes into every panel per column: 3% of the update, a TLB entry per panel).
       const std::int64_t group = std::max(1, 16 / r);
       const std::int64_t groups = (cnt + group - 1) / group;
+      // The group's columns 64 bytes more than a multiple of 64 bytes apart: at a multiple of
+      // 4 KiB (any power-of-two length from 1024) the scatter's reads of one row from every column
+      // fall into one L1 set and evict each other (measured: the scatter took 6% of a
+      // two-thread rank-4 update at d = 1024).
+      const Index ldu = (out + 15) / 16 * 16 + 16, ldv = (in + 15) / 16 * 16 + 16;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && groups > 1)
       for (std::int64_t gi = 0; gi < groups; ++gi) {
         ThreadBuffers& tb = tls_buffers;
         const std::int64_t q0 = gi * group, qn = std::min(cnt, q0 + group) - q0;
-        float* u = grow(tb.at, static_cast<std::size_t>(out) * r * group);
-        float* v = grow(tb.bt, static_cast<std::size_t>(in) * r * group);
+        float* u = grow(tb.at, static_cast<std::size_t>(ldu) * r * group);
+        float* v = grow(tb.bt, static_cast<std::size_t>(ldv) * r * group);
         for (std::int64_t q = 0; q < qn; ++q) {
-          factors(active[c0 + static_cast<std::size_t>(q0 + q)], u + static_cast<std::size_t>(q) * r * out,
-                  v + static_cast<std::size_t>(q) * r * in);
+          factors(active[c0 + static_cast<std::size_t>(q0 + q)], u + q * r * ldu, ldu, v + q * r * ldv, ldv);
         }
-        // Columns q r + j of the group: u + (q r + j) out and v + (q r + j) in.
+        // Columns q r + j of the group: u + (q r + j) ldu and v + (q r + j) ldv.
         const Index k0 = static_cast<Index>(q0) * r, kn = static_cast<Index>(qn) * r;
-        scatter_packed(ops.a, depth, mr, u, out, k0, kn);
-        scatter_packed(ops.b, depth, nr, v, in, k0, kn);
+        scatter_packed(ops.a, depth, mr, u, out, ldu, k0, kn);
+        scatter_packed(ops.b, depth, nr, v, in, ldv, k0, kn);
       }
       detail::rank_update_packed(G, ops, options.max_threads);
     }
@@ -534,8 +539,7 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
     const auto cnt = static_cast<std::int64_t>(std::min<std::size_t>(static_cast<std::size_t>(per), active.size() - c0));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && cnt > 1)
     for (std::int64_t q = 0; q < cnt; ++q) {
-      factors(active[c0 + static_cast<std::size_t>(q)], U + static_cast<std::size_t>(q) * r * static_cast<std::size_t>(out),
-              V + static_cast<std::size_t>(q) * r * static_cast<std::size_t>(in));
+      factors(active[c0 + static_cast<std::size_t>(q)], U + q * r * out, out, V + q * r * in, in);
     }
     const Index cols = static_cast<Index>(cnt) * r;
     if (kern.update_fused != nullptr) {
