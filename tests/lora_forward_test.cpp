@@ -178,7 +178,10 @@ const Shape kShapes[] = {{1, 1, 1, 1},  {1, 7, 5, 2},    {3, 17, 9, 3},  {2, 33,
                          // The GEMM path (from lora_forward_gemm_tokens): ragged token panels
                          // (MR 3, 4, 6, 8), ragged output panels (NR 4, 16, 32), k chunks with a
                          // tail, more outputs than a column block (64).
-                         {70, 523, 37, 3},   {64, 9, 150, 16}};
+                         {70, 523, 37, 3},   {64, 9, 150, 16},
+                         // GEMM path: fewer than 4 inputs (X packed by its k tail only), and
+                         // inputs a multiple of 512 (a full last chunk, then the extra columns).
+                         {66, 3, 40, 2},     {64, 1024, 20, 2}};
 
 template <class TW>
 void check_reference(std::uint64_t seed) {
@@ -435,6 +438,33 @@ TEST_P(LoraForward, GemmPathIndependentOfBatchAndThreads) {
   check_gemm_batches<float>(Layout::in_out);
   check_gemm_batches<bf16>(Layout::out_in);
   check_gemm_batches<f16>(Layout::in_out);
+}
+
+// Every element's chain starts from +0 (as from a zeroed Y; the GEMM path's first depth chunk
+// does not read Y): products that are all -0 (X = -0, W > 0) give +0 = +0 + -0 + ..., where a
+// chain started from -0 would stay -0; on the dot, axpy and GEMM paths alike.
+TEST_P(LoraForward, NegativeZeroProductsGivePositiveZero) {
+  std::mt19937_64 rng(17);
+  std::uniform_real_distribution<float> positive(0.5f, 2.0f);
+  for (const Index tokens : {Index{1}, Index{5}, lowrank::lora_forward_gemm_tokens + 7}) {
+    for (const Layout layout : {Layout::out_in, Layout::in_out}) {
+      SCOPED_TRACE(testing::Message() << "tokens " << tokens << " " << lowrank::to_string(layout));
+      const Index in = 37, out = 29;
+      std::vector<float> w(static_cast<std::size_t>(in * out));
+      for (auto& v : w) v = positive(rng);
+      const WeightView<const float> wv{layout == Layout::out_in ? lowrank::row_major<const float>(w.data(), out, in)
+                                                                : lowrank::row_major<const float>(w.data(), in, out),
+                                       layout};
+      std::vector<float> x(static_cast<std::size_t>(tokens * in), -0.0f);
+      std::vector<float> y(static_cast<std::size_t>(tokens * out), -1.0f);
+      lowrank::linear_forward(lowrank::row_major<const float>(x.data(), tokens, in), wv,
+                              lowrank::row_major(y.data(), tokens, out));
+      for (std::size_t i = 0; i < y.size(); ++i) {
+        ASSERT_EQ(y[i], 0.0f) << "at " << i;
+        ASSERT_FALSE(std::signbit(y[i])) << "-0 at " << i;
+      }
+    }
+  }
 }
 
 TEST_P(LoraForward, EmptyShapes) {

@@ -403,10 +403,10 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
             for (Index c = 0; c < width; ++c) rest[rank_len * nr + c] = options.bias[o0 + j + c];
         }
         const float* xchunk = xg + k0 * panels * mr;
-        const PanelF32 panel_kernel = k0 == 0 ? rk.f32_store : rk.f32;  // the first chunk writes Y  // the first chunk writes Y
+        const PanelF32 panel_kernel = k0 == 0 ? rk.f32_store : rk.f32;  // the first chunk writes Y
         for (Index p = 0; p < panels; ++p) {
-          panel_kernel(xchunk + p * mr * depth, wblock, depth, Y.data + p * mr * ldy + o0, ldy, std::min(mr, tokens - p * mr),
-                 cols, mr * ldy);
+          panel_kernel(xchunk + p * mr * depth, wblock, depth, Y.data + p * mr * ldy + o0, ldy,
+                       std::min(mr, tokens - p * mr), cols, mr * ldy);
         }
       }
     }

@@ -245,9 +245,10 @@ void axpy_kernel(const AxpyArgs& a) {
   for (; k < a.depth; ++k) axpy_all_tokens<Ops, 1, S>(a, k);
 }
 
-// ---- packing of W for the GEMM path ------------------------------------------------------------
+// ---- packing of W and X for the GEMM path -----------------------------------------------------
 // The TU also defines struct Quad { Q; load(const S*) (4 consecutive elements widened), store,
-// transpose(a, b, c, d) (4 x 4, in place) }.
+// zero(), transpose(a, b, c, d) (4 x 4, in place), store_pairs(p, stride, a, b) (the pairs
+// (a[k], b[k]) at p + k stride) }.
 
 inline float widen(float x) { return x; }
 inline float widen(Bf16 x) { return bf16_bits_to_f32(x.bits); }
@@ -261,17 +262,22 @@ void pack_w_kernel(const PackWArgs& p) {
   if (p.rows == nr && nr % 4 == 0 && cs == 1) {
     // Rows of W contiguous along k (nn.Linear): 4 x 4 transposes. Each row's chunk is a short
     // stream on its own page, which the hardware prefetchers learn too late: the rows two groups
-    // ahead (past the last, the next panel's) are prefetched a line at a time. Their
+    // ahead, at the same depth, are prefetched a line at a time. Past the panel's last rows these
+    // are the next panel's, which the caller packs next except after a block's last panel (then
+    // the next depth chunk comes first and the lines may be gone when they are used). The
     // addresses are formed as integers: they may lie outside W (prefetches never fault).
     for (FIndex j = 0; j < nr; j += 4) {
       const S* const r0 = w + j * rs;
-      const std::uintptr_t next = reinterpret_cast<std::uintptr_t>(r0) + static_cast<std::uintptr_t>(8 * rs) * sizeof(S);
+      const std::uintptr_t next =
+          reinterpret_cast<std::uintptr_t>(r0) + static_cast<std::uintptr_t>(8 * rs) * sizeof(S);
       constexpr FIndex kLine = 64 / sizeof(S);
       FIndex k = 0;
       for (; k + 4 <= depth; k += 4) {
         if (k % kLine == 0) {
-          for (FIndex q = 0; q < 4; ++q)
-            __builtin_prefetch(reinterpret_cast<const void*>(next + static_cast<std::uintptr_t>(q * rs + k) * sizeof(S)));
+          for (FIndex q = 0; q < 4; ++q) {
+            const std::uintptr_t line = next + static_cast<std::uintptr_t>(q * rs + k) * sizeof(S);
+            __builtin_prefetch(reinterpret_cast<const void*>(line));
+          }
         }
         typename Quad::Q a = Quad::load(r0 + k), b = Quad::load(r0 + rs + k), c = Quad::load(r0 + 2 * rs + k),
                          e = Quad::load(r0 + 3 * rs + k);
