@@ -538,7 +538,8 @@ void check_packed_factors(Index out, Index in, std::int64_t n, std::initializer_
       for (Index i = 0; i < out; ++i)
         for (Index j = 0; j < in; ++j) {
           ASSERT_EQ(std::bit_cast<std::uint32_t>(gc[j * out + i]), std::bit_cast<std::uint32_t>(ref[i * in + j]));
-          ASSERT_EQ(std::bit_cast<std::uint32_t>(gs[i * in * 2 + j * 2]), std::bit_cast<std::uint32_t>(ref[i * in + j]));
+          ASSERT_EQ(std::bit_cast<std::uint32_t>(gs[i * in * 2 + j * 2]),
+                    std::bit_cast<std::uint32_t>(ref[i * in + j]));
           ASSERT_EQ(gs[i * in * 2 + j * 2 + 1], -7.0f);
         }
     }
@@ -564,7 +565,6 @@ TEST(EsUpdate, PackedFactorsEqualRankUpdateOfExplicitFactors) {
   }
   if (targets == 0) GTEST_SKIP() << "no SIMD target here";
 }
-
 
 TEST(EsUpdate, RankOfTheSumIsAtMostNR) {
   // 3 pairs, r = 2 -> rank <= 6 < min(out, in): the residual after projecting on 6 directions is 0.

@@ -12,8 +12,9 @@
 // (B is packed in that order; nullptr when it is the identity).
 //
 // Every element is computed as acc = C(i, j) (+0 in the store-only kernel, f32_store, which does
-// not read C); for k in 0..r-1: acc = fma(a(i, k), b(j, k), acc); C(i, j) = round(acc). Edge tiles run the same code on a padded copy, so an element's bits do not
-// depend on where its tile falls, hence not on the thread count.
+// not read C); for k in 0..r-1: acc = fma(a(i, k), b(j, k), acc); C(i, j) = round(acc). Edge
+// tiles run the same code on a padded copy, so an element's bits do not depend on where its tile
+// falls, hence not on the thread count.
 
 // bf16 pair fallback for a pair holding a NaN: exact scalar rounding keeps it a NaN. Rare, cold.
 template <class Ops, class V>
