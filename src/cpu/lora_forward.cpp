@@ -518,7 +518,13 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
 #pragma omp for schedule(static)
         for (Index p = 0; p < panels; ++p) pack_extra_panel(p);
       }
-      if (ob < oe) run_gemm(ob, oe, wg + id * wg_size);
+      // Blocks of kGemmCols outputs taken dynamically: a core slowed by other work (a VM's
+      // neighbour, an efficiency core) takes fewer (a tile's bits do not depend on its thread).
+      const Index blocks = (out + kGemmCols - 1) / kGemmCols;
+#pragma omp for schedule(dynamic, 1) nowait
+      for (Index b = 0; b < blocks; ++b) {
+        run_gemm(b * kGemmCols, std::min(out, (b + 1) * kGemmCols), wg + id * wg_size);
+      }
     } else {
       run_range(ob, oe);
     }
