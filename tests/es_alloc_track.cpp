@@ -1,12 +1,14 @@
 // Replaces the global operator new/delete for lowrank_es_tests: records the largest single
-// allocation while `g_track` is set (a separate file, so that no allocation and its release are
-// visible together to the compiler).
+// allocation while `g_track` is set, and fails every allocation of more than `g_fail_above` bytes
+// (none by default) as if memory were exhausted (a separate file, so that no allocation and its
+// release are visible together to the compiler).
 #include <atomic>
 #include <cstdlib>
 #include <new>
 
 std::atomic<bool> g_track{false};
 std::atomic<std::size_t> g_largest{0};
+std::atomic<std::size_t> g_fail_above{static_cast<std::size_t>(-1)};
 
 namespace {
 void note(std::size_t n) {
@@ -16,6 +18,7 @@ void note(std::size_t n) {
   }
 }
 void* allocate_nothrow(std::size_t n) noexcept {
+  if (n > g_fail_above.load(std::memory_order_relaxed)) return nullptr;
   note(n);
   return std::malloc(n ? n : 1);
 }

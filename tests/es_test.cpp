@@ -12,6 +12,7 @@
 #include <new>
 #include <numeric>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "lowrank/core/error.hpp"
@@ -24,6 +25,8 @@
 // allocation while armed.
 extern std::atomic<bool> g_track;
 extern std::atomic<std::size_t> g_largest;
+// Allocations of more than this many bytes fail (std::bad_alloc) while it is below SIZE_MAX.
+extern std::atomic<std::size_t> g_fail_above;
 
 namespace {
 
@@ -746,6 +749,65 @@ TEST(EsMemory, NoPopulationSizedAllocation) {
   // in the rank update's packed operands on SIMD targets, as U and V on the scalar one).
   EXPECT_LT(g_largest.load(), std::size_t(n) * (out + in) * 4 * sizeof(float) / 2);
   EXPECT_LE(g_largest.load(), std::size_t(2) * 256 * (out + in) * sizeof(float));
+}
+
+// Memory running out inside population_forward or aggregate_update reaches the caller as
+// std::bad_alloc with Y (G) unchanged: every buffer of their parallel regions is allocated before
+// the region, on the calling thread (an exception leaving an OpenMP region terminates the
+// program; this test then dies instead of failing). In a fresh thread (empty thread-local
+// buffers), a first call sizes every buffer but the one the next call needs more of: the forward's
+// per-thread factor scratch (rank 4 after rank 1), the update's per-thread stream (rank 3 after 4).
+// Allocations of more than 4 KiB fail in the armed calls; the small per-call vectors still succeed.
+TEST(EsMemory, AllocationFailureThrowsToTheCallerAndLeavesTheOutputUnchanged) {
+  std::thread([] {
+    const Index out = 512, in = 512;
+    const std::int64_t n = 64;
+    const std::vector<float> x = gaussian(n * in, 16), w = gaussian(out * in, 17, 0.05f);
+    const auto X = row_major<const float>(x.data(), n, in);
+    const WeightView<const float> W{row_major<const float>(w.data(), out, in), Layout::out_in};
+    std::vector<std::int64_t> members(n);
+    std::iota(members.begin(), members.end(), 0);
+    std::vector<float> y(n * out, 0.0f), g(out * in, 0.5f);
+    std::vector<double> f(n);
+    for (std::int64_t i = 0; i < n; ++i) f[i] = std::cos(double(i));
+    es::ForwardOptions fo;
+    fo.max_threads = 2;
+    es::AggregateOptions ao;
+    ao.max_threads = 2;
+
+    es::population_forward(X, W, make_p(1, n), members, row_major(y.data(), n, out), fo);
+    const std::vector<float> y0 = y;
+    bool threw = false;
+    g_fail_above = 4096;
+    try {
+      es::population_forward(X, W, make_p(4, n), members, row_major(y.data(), n, out), fo);
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    g_fail_above = static_cast<std::size_t>(-1);
+    EXPECT_TRUE(threw);
+    EXPECT_EQ(y, y0);
+    // With memory back the same call runs: Y then equals the same call into a second buffer (the
+    // forward overwrites Y) and no longer the rank-1 result.
+    es::population_forward(X, W, make_p(4, n), members, row_major(y.data(), n, out), fo);
+    std::vector<float> y_again(n * out, 1.0f);
+    es::population_forward(X, W, make_p(4, n), members, row_major(y_again.data(), n, out), fo);
+    EXPECT_EQ(y, y_again);
+    EXPECT_NE(y, y0);
+
+    es::aggregate_update(make_p(4, n), f, 1.0 / n, row_major(g.data(), out, in), ao);
+    const std::vector<float> g0 = g;
+    threw = false;
+    g_fail_above = 4096;
+    try {
+      es::aggregate_update(make_p(3, n), f, 1.0 / n, row_major(g.data(), out, in), ao);
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    g_fail_above = static_cast<std::size_t>(-1);
+    EXPECT_TRUE(threw);
+    EXPECT_EQ(g, g0);
+  }).join();
 }
 
 // ---- ask / tell -------------------------------------------------------------------------------

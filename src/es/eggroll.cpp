@@ -87,47 +87,90 @@ void fill_normals(const detail::EsKernels& k, const NoiseKey& key, std::uint32_t
   while (e < end) *out++ = noise_normal(key, index, e++);
 }
 
-// Per-thread buffer that only grows.
+// A buffer that only grows.
 float* grow(std::vector<float>& buffer, std::size_t count) {
   if (buffer.size() < count) buffer.resize(count);
   return buffer.data();
 }
 
-struct ThreadBuffers {
-  std::vector<float> stream, bt, at, x, y;
-};
-thread_local ThreadBuffers tls_buffers;
-
 // The calling thread's buffers of the entry points (grow only: warmed-up calls do not allocate).
+// Every buffer a parallel region uses is allocated here, before the region, on the calling thread:
+// an allocation failure then throws std::bad_alloc to the caller (an exception leaving an OpenMP
+// region would terminate the program). Per-thread scratch is one slice per thread of `scratch`.
 struct CallBuffers {
   std::vector<std::pair<std::uint32_t, Index>> order;
   std::vector<std::size_t> starts;
-  std::vector<float> u, v;
+  std::vector<float> u, v, scratch;
 };
 thread_local CallBuffers tls_call;
 
-// Factors of noise index `index` into buf (stream order: B then A, row-major), and their
+// n rounded up to 16 floats (64 bytes): slices of one scratch buffer share no cache line.
+std::size_t pad16(std::size_t n) { return (n + 15) / 16 * 16; }
+
+// The calling thread's slot in the current parallel region (0 outside one, or without OpenMP).
+int thread_slot() {
+#if defined(LOWRANK_HAVE_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Slots to allocate for a region of `threads` threads (one without OpenMP: the loops run serially).
+int scratch_slots(int threads) {
+#if defined(LOWRANK_HAVE_OPENMP)
+  return std::max(1, threads);
+#else
+  (void)threads;
+  return 1;
+#endif
+}
+
+// One thread's scratch for the population forward: the stream, the transposed factors, and copies
+// of a strided row of X and of Y.
+struct ForwardScratch {
+  float *stream, *bt, *at, *x, *y;
+};
+
+// Floats of a ForwardScratch for the given shapes; `carve` lays one out from `base`.
+struct ForwardScratchLayout {
+  std::size_t stream = 0, bt = 0, at = 0, x = 0, y = 0;
+  std::size_t total() const { return stream + bt + at + x + y; }
+  ForwardScratch carve(float* base) const {
+    return {base, base + stream, base + stream + bt, base + stream + bt + at, base + stream + bt + at + x};
+  }
+};
+
+ForwardScratchLayout forward_scratch_layout(Index out, Index in, int r, bool x_copy, bool y_copy) {
+  const std::size_t n_b = static_cast<std::size_t>(in) * r, n_a = static_cast<std::size_t>(out) * r;
+  ForwardScratchLayout l;
+  if (r != 4) l.stream = pad16(n_b + n_a);
+  if (r != 1) l.bt = pad16(n_b), l.at = pad16(n_a);
+  if (x_copy) l.x = pad16(static_cast<std::size_t>(in));
+  if (y_copy) l.y = pad16(static_cast<std::size_t>(out));
+  return l;
+}
+
+// Factors of noise index `index` into the scratch (stream order: B then A, row-major), and their
 // transposes bt (r x in) and at (r x out); for r == 1 the transposes are the stream itself.
 void factors_transposed(const detail::EsKernels& k, const NoiseKey& key, std::uint32_t index, Index out, Index in,
-                        int r, ThreadBuffers& tb, const float*& bt, const float*& at) {
+                        int r, const ForwardScratch& sc, const float*& bt, const float*& at) {
   const std::size_t n_b = static_cast<std::size_t>(in) * r, n_a = static_cast<std::size_t>(out) * r;
   if (r == 4) {  // generated transposed directly
-    float* b = grow(tb.bt, n_b);
-    float* a = grow(tb.at, n_a);
-    k.factors_t4(key, index, in, out, b, in, a, out);
-    bt = b;
-    at = a;
+    k.factors_t4(key, index, in, out, sc.bt, in, sc.at, out);
+    bt = sc.bt;
+    at = sc.at;
     return;
   }
-  float* s = grow(tb.stream, n_b + n_a);
+  float* s = sc.stream;
   fill_normals(k, key, index, 0, n_b + n_a, s);
   if (r == 1) {
     bt = s;
     at = s + n_b;
     return;
   }
-  float* b = grow(tb.bt, n_b);
-  float* a = grow(tb.at, n_a);
+  float* b = sc.bt;
+  float* a = sc.at;
   for (Index i = 0; i < in; ++i)
     for (int j = 0; j < r; ++j) b[static_cast<std::size_t>(j) * in + i] = s[static_cast<std::size_t>(i) * r + j];
   for (Index i = 0; i < out; ++i)
@@ -232,11 +275,8 @@ void population_forward(MatrixView<const float> X, WeightView<const TW> W, const
   if (detail::spans_overlap(Y, W.matrix)) fail(fn, "Y's memory ({}x{}) overlaps W's", Y.rows, Y.cols);
   if (tokens == 0 || out == 0) return;
 
-  // The shared base GEMM (validates the rest, e.g. the bias).
-  linear_forward(X, W, Y, LoraForwardOptions{options.bias, options.max_threads});
-  if (in == 0) return;
-
-  // Rows grouped by noise index: each group generates its factors once.
+  // Rows grouped by noise index (each group generates its factors once), and the parallel
+  // region's scratch, before Y is written: an allocation that fails leaves Y unchanged.
   std::vector<std::pair<std::uint32_t, Index>>& order = tls_call.order;
   order.resize(static_cast<std::size_t>(tokens));
   for (Index t = 0; t < tokens; ++t) {
@@ -256,25 +296,31 @@ void population_forward(MatrixView<const float> X, WeightView<const TW> W, const
                                        options.max_threads);
   const bool x_unit = X.col_stride == 1, y_unit = Y.col_stride == 1;
 
+  const ForwardScratchLayout layout = forward_scratch_layout(out, in, p.rank, !x_unit, !y_unit);
+  float* const scratch = grow(tls_call.scratch, layout.total() * static_cast<std::size_t>(scratch_slots(threads)));
+
+  // The shared base GEMM (validates the rest, e.g. the bias).
+  linear_forward(X, W, Y, LoraForwardOptions{options.bias, options.max_threads});
+  if (in == 0) return;
+
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && groups > 1)
   for (std::int64_t g = 0; g < groups; ++g) {
-    ThreadBuffers& tb = tls_buffers;
+    const ForwardScratch sc = layout.carve(scratch + layout.total() * static_cast<std::size_t>(thread_slot()));
     const std::uint32_t index = order[starts[static_cast<std::size_t>(g)]].first;
     const float *bt = nullptr, *at = nullptr;
-    factors_transposed(k, p.key, index, out, in, p.rank, tb, bt, at);
+    factors_transposed(k, p.key, index, out, in, p.rank, sc, bt, at);
     for (std::size_t q = starts[static_cast<std::size_t>(g)]; q < starts[static_cast<std::size_t>(g) + 1]; ++q) {
       const Index t = order[q].second;
       const MemberNoise mn = member_noise(members[static_cast<std::size_t>(t)], p.population, p.antithetic);
       const auto scale = static_cast<float>(static_cast<double>(mn.sign) * base_scale);
       const float* x = &X(t, 0);
       if (!x_unit) {
-        float* xb = grow(tb.x, static_cast<std::size_t>(in));
-        for (Index i = 0; i < in; ++i) xb[i] = X(t, i);
-        x = xb;
+        for (Index i = 0; i < in; ++i) sc.x[i] = X(t, i);
+        x = sc.x;
       }
       float* y = &Y(t, 0);
       if (!y_unit) {
-        y = grow(tb.y, static_cast<std::size_t>(out));
+        y = sc.y;
         for (Index o = 0; o < out; ++o) y[o] = Y(t, o);
       }
       k.row_term(x, bt, at, in, out, p.rank, scale, y);
@@ -472,8 +518,10 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
       thread_count_for(static_cast<double>(active.size()) * static_cast<double>(in + out) * r, options.max_threads);
   const std::int64_t per = std::min<std::int64_t>(chunk, static_cast<std::int64_t>(active.size()));
   // The factors of noise index `index`, scaled: u = a_k A_k (out x r) and v = B_k (in x r), both
-  // column-major (column j of u at u + j ldu, of v at v + j ldv).
-  auto factors = [&](std::uint32_t index, float* u, Index ldu, float* v, Index ldv) {
+  // column-major (column j of u at u + j ldu, of v at v + j ldv); `stream` holds (in + out) r
+  // floats of scratch when r is neither 1 nor 4.
+  const std::size_t stream_size = r == 1 || r == 4 ? 0 : pad16(static_cast<std::size_t>(in + out) * r);
+  auto factors = [&](std::uint32_t index, float* u, Index ldu, float* v, Index ldv, float* stream) {
     const auto a = static_cast<float>(coef * w[index]);
     const std::size_t n_b = static_cast<std::size_t>(in) * r;
     if (r == 1) {  // the stream is B then A: straight into V's and U's columns
@@ -485,7 +533,7 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
       for (int j = 0; j < 4; ++j)
         for (Index i = 0; i < out; ++i) u[j * ldu + i] = a * u[j * ldu + i];
     } else {  // row-major factors: scatter their columns
-      float* st = grow(tls_buffers.stream, n_b + static_cast<std::size_t>(out) * r);
+      float* st = stream;
       fill_normals(kern, p.key, index, 0, n_b + static_cast<std::uint64_t>(out) * r, st);
       for (Index i = 0; i < in; ++i)
         for (int j = 0; j < r; ++j) v[j * ldv + i] = st[static_cast<std::size_t>(i) * r + j];
@@ -514,14 +562,18 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
       // fall into one L1 set and evict each other (measured: the scatter took 6% of a
       // two-thread rank-4 update at d = 1024).
       const Index ldu = (out + 15) / 16 * 16 + 16, ldv = (in + 15) / 16 * 16 + 16;
+      const std::size_t u_size = static_cast<std::size_t>(ldu) * r * group;
+      const std::size_t v_size = static_cast<std::size_t>(ldv) * r * group;
+      const std::size_t slice = u_size + v_size + stream_size;
+      float* const scratch = grow(tls_call.scratch, slice * static_cast<std::size_t>(scratch_slots(threads)));
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && groups > 1)
       for (std::int64_t gi = 0; gi < groups; ++gi) {
-        ThreadBuffers& tb = tls_buffers;
         const std::int64_t q0 = gi * group, qn = std::min(cnt, q0 + group) - q0;
-        float* u = grow(tb.at, static_cast<std::size_t>(ldu) * r * group);
-        float* v = grow(tb.bt, static_cast<std::size_t>(ldv) * r * group);
+        float* const u = scratch + slice * static_cast<std::size_t>(thread_slot());
+        float* const v = u + u_size;
         for (std::int64_t q = 0; q < qn; ++q) {
-          factors(active[c0 + static_cast<std::size_t>(q0 + q)], u + q * r * ldu, ldu, v + q * r * ldv, ldv);
+          factors(active[c0 + static_cast<std::size_t>(q0 + q)], u + q * r * ldu, ldu, v + q * r * ldv, ldv,
+                  v + v_size);
         }
         // Columns q r + j of the group: u + (q r + j) ldu and v + (q r + j) ldv.
         const Index k0 = static_cast<Index>(q0) * r, kn = static_cast<Index>(qn) * r;
@@ -535,11 +587,13 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
   // U (out x per r) and V (in x per r), column-major: column q r + j holds a_k A_k[:, j] and B_k[:, j].
   float* const U = grow(tls_call.u, static_cast<std::size_t>(out) * per * r);
   float* const V = grow(tls_call.v, static_cast<std::size_t>(in) * per * r);
+  float* const streams = grow(tls_call.scratch, stream_size * static_cast<std::size_t>(scratch_slots(threads)));
   for (std::size_t c0 = 0; c0 < active.size(); c0 += static_cast<std::size_t>(per)) {
     const auto cnt = static_cast<std::int64_t>(std::min<std::size_t>(static_cast<std::size_t>(per), active.size() - c0));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && cnt > 1)
     for (std::int64_t q = 0; q < cnt; ++q) {
-      factors(active[c0 + static_cast<std::size_t>(q)], U + q * r * out, out, V + q * r * in, in);
+      factors(active[c0 + static_cast<std::size_t>(q)], U + q * r * out, out, V + q * r * in, in,
+              streams + stream_size * static_cast<std::size_t>(thread_slot()));
     }
     const Index cols = static_cast<Index>(cnt) * r;
     if (kern.update_fused != nullptr) {

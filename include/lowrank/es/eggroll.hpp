@@ -90,7 +90,8 @@ struct ForwardOptions {
 /// \param Y        `tokens x out`, overwritten; must not overlap the inputs
 /// \throws Error (Y unchanged) on mismatched shapes, a member outside `[0, N)`, an invalid
 ///   perturbation (rank < 1, sigma not positive and finite, N < 1 or odd with antithetic pairs),
-///   or overlapping memory.
+///   or overlapping memory; std::bad_alloc (Y unchanged) when its buffers cannot be allocated
+///   (all of them, the threads' scratch included, are allocated before Y is written).
 template <SupportedScalar TW>
 void population_forward(MatrixView<const float> X, WeightView<const TW> W, const Perturbation& p,
                         std::span<const std::int64_t> members, MatrixView<float> Y, const ForwardOptions& options = {});
@@ -168,11 +169,12 @@ struct AggregateOptions {
 /// targets' rank update adds the products in order with fused multiply-adds, and the scalar target
 /// does the same with `std::fma` (a library call, so slow, on x86 builds without FMA instructions).
 /// Allocation: O(N) scratch for the collapsed fitness per call; the chunk's factors live in
-/// per-thread buffers that only grow (on SIMD targets with a unit column stride of G, each group
-/// of about 16 factor columns is scattered into the rank update's packed operands: the chunk's
-/// whole U and V are never formed).
+/// buffers of the calling thread that only grow, one slice per thread (on SIMD targets with a unit
+/// column stride of G, each group of about 16 factor columns is scattered into the rank update's
+/// packed operands: the chunk's whole U and V are never formed).
 /// \throws Error (G unchanged) on `fitness.size() != N`, non-finite fitness or c, bad perturbation
-///   parameters, or a G that is not `out x in` for the given shape.
+///   parameters, or a G that is not `out x in` for the given shape; std::bad_alloc (G unchanged)
+///   when its buffers cannot be allocated (they are, before G is first written).
 void aggregate_update(const Perturbation& p, std::span<const double> fitness, double c, MatrixView<float> G,
                       const AggregateOptions& options = {});
 
