@@ -754,27 +754,28 @@ TEST(EsMemory, NoPopulationSizedAllocation) {
 // Memory running out inside population_forward or aggregate_update reaches the caller as
 // std::bad_alloc with Y (G) unchanged: every buffer of their parallel regions is allocated before
 // the region, on the calling thread (an exception leaving an OpenMP region terminates the
-// program; this test then dies instead of failing). In a fresh thread (empty thread-local
-// buffers), a first call sizes every buffer but the one the next call needs more of: the forward's
-// per-thread factor scratch (rank 4 after rank 1), the update's per-thread stream (rank 3 after 4).
-// Allocations of more than 4 KiB fail in the armed calls; the small per-call vectors still succeed.
+// program; this test then dies instead of failing). Each part runs in a fresh thread (empty
+// thread-local buffers, which grow from empty to exactly the size asked), where a first call
+// sizes every buffer but the one the second call needs more of: the forward's per-thread factor
+// scratch (rank 4 after rank 1: 4096 floats against 1024), the update's per-thread stream (rank 3
+// after rank 4; on SIMD targets within the group's factor columns, 18912 floats against 16896; on
+// the scalar target alone, 3072 against none). Allocations of more than 4 KiB fail in the second
+// call; the small per-call vectors (the collapsed fitness, 256 bytes) still succeed.
 TEST(EsMemory, AllocationFailureThrowsToTheCallerAndLeavesTheOutputUnchanged) {
-  std::thread([] {
-    const Index out = 512, in = 512;
-    const std::int64_t n = 64;
-    const std::vector<float> x = gaussian(n * in, 16), w = gaussian(out * in, 17, 0.05f);
-    const auto X = row_major<const float>(x.data(), n, in);
-    const WeightView<const float> W{row_major<const float>(w.data(), out, in), Layout::out_in};
-    std::vector<std::int64_t> members(n);
-    std::iota(members.begin(), members.end(), 0);
-    std::vector<float> y(n * out, 0.0f), g(out * in, 0.5f);
-    std::vector<double> f(n);
-    for (std::int64_t i = 0; i < n; ++i) f[i] = std::cos(double(i));
+  const Index out = 512, in = 512;
+  const std::int64_t n = 64;
+  const std::vector<float> x = gaussian(n * in, 16), w = gaussian(out * in, 17, 0.05f);
+  const auto X = row_major<const float>(x.data(), n, in);
+  const WeightView<const float> W{row_major<const float>(w.data(), out, in), Layout::out_in};
+  std::vector<std::int64_t> members(n);
+  std::iota(members.begin(), members.end(), 0);
+  std::vector<double> f(n);
+  for (std::int64_t i = 0; i < n; ++i) f[i] = std::cos(double(i));
+
+  std::thread([&] {
     es::ForwardOptions fo;
     fo.max_threads = 2;
-    es::AggregateOptions ao;
-    ao.max_threads = 2;
-
+    std::vector<float> y(n * out, 0.0f);
     es::population_forward(X, W, make_p(1, n), members, row_major(y.data(), n, out), fo);
     const std::vector<float> y0 = y;
     bool threw = false;
@@ -794,10 +795,15 @@ TEST(EsMemory, AllocationFailureThrowsToTheCallerAndLeavesTheOutputUnchanged) {
     es::population_forward(X, W, make_p(4, n), members, row_major(y_again.data(), n, out), fo);
     EXPECT_EQ(y, y_again);
     EXPECT_NE(y, y0);
+  }).join();
 
+  std::thread([&] {
+    es::AggregateOptions ao;
+    ao.max_threads = 2;
+    std::vector<float> g(out * in, 0.5f);
     es::aggregate_update(make_p(4, n), f, 1.0 / n, row_major(g.data(), out, in), ao);
     const std::vector<float> g0 = g;
-    threw = false;
+    bool threw = false;
     g_fail_above = 4096;
     try {
       es::aggregate_update(make_p(3, n), f, 1.0 / n, row_major(g.data(), out, in), ao);

@@ -412,7 +412,7 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
     }
   };
 
-  // ---- step 2, per thread: output range [ob, oe) ----
+  // ---- step 2 (dot, axpy and generic paths), per thread: output range [ob, oe) ----
   auto run_range = [&](Index ob, Index oe) {
     if (ob >= oe) return;
     if (pack_b) {

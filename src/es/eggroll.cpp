@@ -94,17 +94,20 @@ float* grow(std::vector<float>& buffer, std::size_t count) {
 }
 
 // The calling thread's buffers of the entry points (grow only: warmed-up calls do not allocate).
-// Every buffer a parallel region uses is allocated here, before the region, on the calling thread:
-// an allocation failure then throws std::bad_alloc to the caller (an exception leaving an OpenMP
-// region would terminate the program). Per-thread scratch is one slice per thread of `scratch`.
+// Every buffer a parallel region uses is allocated before the region, on the calling thread: an
+// allocation failure then throws std::bad_alloc to the caller (an exception leaving an OpenMP
+// region would terminate the program). Per-thread scratch: one buffer per thread slot, each its
+// own allocation (the largest single allocation does not grow with the thread count).
 struct CallBuffers {
   std::vector<std::pair<std::uint32_t, Index>> order;
   std::vector<std::size_t> starts;
-  std::vector<float> u, v, scratch;
+  std::vector<float> u, v;
+  std::vector<std::vector<float>> slots;
+  std::vector<float*> slot_ptr;
 };
 thread_local CallBuffers tls_call;
 
-// n rounded up to 16 floats (64 bytes): slices of one scratch buffer share no cache line.
+// n rounded up to a multiple of 16 floats (64 bytes).
 std::size_t pad16(std::size_t n) { return (n + 15) / 16 * 16; }
 
 // The calling thread's slot in the current parallel region (0 outside one, or without OpenMP).
@@ -116,14 +119,20 @@ int thread_slot() {
 #endif
 }
 
-// Slots to allocate for a region of `threads` threads (one without OpenMP: the loops run serially).
-int scratch_slots(int threads) {
+// Scratch of `floats` floats for each thread slot of a region of `threads` threads (one slot
+// without OpenMP: the loops run serially); slot i at [i], for the thread with thread_slot() == i.
+float* const* scratch_slots(int threads, std::size_t floats) {
 #if defined(LOWRANK_HAVE_OPENMP)
-  return std::max(1, threads);
+  const auto slots = static_cast<std::size_t>(std::max(1, threads));
 #else
   (void)threads;
-  return 1;
+  const std::size_t slots = 1;
 #endif
+  CallBuffers& cb = tls_call;
+  if (cb.slots.size() < slots) cb.slots.resize(slots);
+  if (cb.slot_ptr.size() < slots) cb.slot_ptr.resize(slots);
+  for (std::size_t i = 0; i < slots; ++i) cb.slot_ptr[i] = grow(cb.slots[i], floats);
+  return cb.slot_ptr.data();
 }
 
 // One thread's scratch for the population forward: the stream, the transposed factors, and copies
@@ -297,7 +306,7 @@ void population_forward(MatrixView<const float> X, WeightView<const TW> W, const
   const bool x_unit = X.col_stride == 1, y_unit = Y.col_stride == 1;
 
   const ForwardScratchLayout layout = forward_scratch_layout(out, in, p.rank, !x_unit, !y_unit);
-  float* const scratch = grow(tls_call.scratch, layout.total() * static_cast<std::size_t>(scratch_slots(threads)));
+  float* const* const scratch = scratch_slots(threads, layout.total());
 
   // The shared base GEMM (validates the rest, e.g. the bias).
   linear_forward(X, W, Y, LoraForwardOptions{options.bias, options.max_threads});
@@ -305,7 +314,7 @@ void population_forward(MatrixView<const float> X, WeightView<const TW> W, const
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && groups > 1)
   for (std::int64_t g = 0; g < groups; ++g) {
-    const ForwardScratch sc = layout.carve(scratch + layout.total() * static_cast<std::size_t>(thread_slot()));
+    const ForwardScratch sc = layout.carve(scratch[thread_slot()]);
     const std::uint32_t index = order[starts[static_cast<std::size_t>(g)]].first;
     const float *bt = nullptr, *at = nullptr;
     factors_transposed(k, p.key, index, out, in, p.rank, sc, bt, at);
@@ -564,12 +573,11 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
       const Index ldu = (out + 15) / 16 * 16 + 16, ldv = (in + 15) / 16 * 16 + 16;
       const std::size_t u_size = static_cast<std::size_t>(ldu) * r * group;
       const std::size_t v_size = static_cast<std::size_t>(ldv) * r * group;
-      const std::size_t slice = u_size + v_size + stream_size;
-      float* const scratch = grow(tls_call.scratch, slice * static_cast<std::size_t>(scratch_slots(threads)));
+      float* const* const scratch = scratch_slots(threads, u_size + v_size + stream_size);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && groups > 1)
       for (std::int64_t gi = 0; gi < groups; ++gi) {
         const std::int64_t q0 = gi * group, qn = std::min(cnt, q0 + group) - q0;
-        float* const u = scratch + slice * static_cast<std::size_t>(thread_slot());
+        float* const u = scratch[thread_slot()];
         float* const v = u + u_size;
         for (std::int64_t q = 0; q < qn; ++q) {
           factors(active[c0 + static_cast<std::size_t>(q0 + q)], u + q * r * ldu, ldu, v + q * r * ldv, ldv,
@@ -587,13 +595,13 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
   // U (out x per r) and V (in x per r), column-major: column q r + j holds a_k A_k[:, j] and B_k[:, j].
   float* const U = grow(tls_call.u, static_cast<std::size_t>(out) * per * r);
   float* const V = grow(tls_call.v, static_cast<std::size_t>(in) * per * r);
-  float* const streams = grow(tls_call.scratch, stream_size * static_cast<std::size_t>(scratch_slots(threads)));
+  float* const* const streams = scratch_slots(threads, stream_size);
   for (std::size_t c0 = 0; c0 < active.size(); c0 += static_cast<std::size_t>(per)) {
     const auto cnt = static_cast<std::int64_t>(std::min<std::size_t>(static_cast<std::size_t>(per), active.size() - c0));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && cnt > 1)
     for (std::int64_t q = 0; q < cnt; ++q) {
       factors(active[c0 + static_cast<std::size_t>(q)], U + q * r * out, out, V + q * r * in, in,
-              streams + stream_size * static_cast<std::size_t>(thread_slot()));
+              streams[thread_slot()]);
     }
     const Index cols = static_cast<Index>(cnt) * r;
     if (kern.update_fused != nullptr) {

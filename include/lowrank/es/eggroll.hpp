@@ -80,8 +80,8 @@ struct ForwardOptions {
 /// (within one base path: see `lora_forward_gemm_tokens`); the noise itself is the same bits on
 /// every target.
 ///
-/// Allocation: the calling thread's and the workers' buffers (`(in + out) r` floats each, the row
-/// order) only grow; a warmed-up call does not allocate.
+/// Allocation: buffers of the calling thread (the row order; `(in + out) r` floats of scratch per
+/// thread, each its own allocation) that only grow; a warmed-up call does not allocate.
 ///
 /// \param X        `tokens x in`, fp32, any strides
 /// \param W        the base weight (fp32, bf16 or fp16 storage; either layout)
@@ -173,8 +173,10 @@ struct AggregateOptions {
 /// column stride of G, each group of about 16 factor columns is scattered into the rank update's
 /// packed operands: the chunk's whole U and V are never formed).
 /// \throws Error (G unchanged) on `fitness.size() != N`, non-finite fitness or c, bad perturbation
-///   parameters, or a G that is not `out x in` for the given shape; std::bad_alloc (G unchanged)
-///   when its buffers cannot be allocated (they are, before G is first written).
+///   parameters, or a G that is not `out x in` for the given shape; std::bad_alloc when its
+///   buffers cannot be allocated, with G unchanged (they are allocated before G is first written;
+///   one exception: with neither stride of G equal to 1, the rank update of a last, shorter chunk
+///   may need a larger tile buffer after the earlier chunks were added).
 void aggregate_update(const Perturbation& p, std::span<const double> fitness, double c, MatrixView<float> G,
                       const AggregateOptions& options = {});
 
