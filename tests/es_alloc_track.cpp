@@ -1,7 +1,7 @@
-// Replaces the global operator new/delete for lowrank_es_tests: records the largest single
-// allocation while `g_track` is set, and fails every allocation of more than `g_fail_above` bytes
-// (none by default) as if memory were exhausted (a separate file, so that no allocation and its
-// release are visible together to the compiler).
+// Replaces the global operator new/delete for lowrank_es_tests and lowrank_optim_tests: records
+// the largest single allocation while `g_track` is set, and fails every allocation of more than
+// `g_fail_above` bytes (none by default) as if memory were exhausted (a separate file, so that no
+// allocation and its release are visible together to the compiler).
 #include <atomic>
 #include <cstdlib>
 #include <new>

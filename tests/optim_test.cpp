@@ -5,12 +5,14 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <random>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <Eigen/Core>
@@ -22,6 +24,10 @@
 #include "lowrank/optim/block.hpp"
 #include "lowrank/optim/projector.hpp"
 #include "lowrank/optim/subspace.hpp"
+
+// tests/es_alloc_track.cpp (linked in): allocations of more than this many bytes fail
+// (std::bad_alloc) while it is below SIZE_MAX.
+extern std::atomic<std::size_t> g_fail_above;
 
 namespace {
 
@@ -239,6 +245,38 @@ TEST(Projector, RecoversGWhenItsRankIsAtMostR) {
     p.project(cmv(G), R);
     EXPECT_LT(rel(d(p.back(R)), d(G)), 1e-5);
   }
+}
+
+// Memory running out inside the projection's parallel region (each thread's rank updates allocate
+// their workspace there) reaches the caller as std::bad_alloc instead of terminating the program
+// (this test would then die). In a fresh thread (fresh OpenMP workers), a one-thread projection
+// sizes R and the calling thread's workspace; the two-thread projection then needs the worker's
+// (256 KiB), and allocations of more than 4 KiB fail.
+TEST(Projector, AllocationFailureInTheProjectionThrowsToTheCaller) {
+  if (!lowrank::has_openmp()) GTEST_SKIP() << "built without OpenMP: no parallel region";
+  std::thread([] {
+    const RowMatrix<float> G = randn(512, 512, 21);
+    Projector p(512, 512, 8, Side::left);
+    p.set_basis(randn(512, 8, 22).cast<float>());
+    RowMatrix<float> R;
+    lowrank::set_num_threads(1);
+    p.project(cmv(G), R);
+    const RowMatrix<float> R1 = R;
+    lowrank::set_num_threads(2);
+    bool threw = false;
+    g_fail_above = 4096;
+    try {
+      p.project(cmv(G), R);
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    g_fail_above = static_cast<std::size_t>(-1);
+    EXPECT_TRUE(threw);
+    // With memory back, two threads give the one-thread result (the projection is thread-invariant).
+    p.project(cmv(G), R);
+    EXPECT_TRUE(R == R1);
+    lowrank::set_num_threads(0);
+  }).join();
 }
 
 TEST(Projector, FullRankProjectedSgdEqualsSgd) {

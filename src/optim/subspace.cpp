@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <numeric>
 #include <utility>
@@ -74,14 +75,11 @@ void project_dense(MatrixView<const float> G, float* R, const float* P, bool lef
   const Index slices = std::max<Index>(1, std::min<Index>(threads, slice_len / 16));
   RankUpdateOptions one;
   one.max_threads = 1;
-#if defined(LOWRANK_HAVE_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(static_cast<int>(slices)) if (slices > 1)
-#endif
-  for (Index s = 0; s < slices; ++s) {
+  auto project_slice = [&](Index s) {
     // Slice bounds on multiples of 16 (the micro-kernel's column width for left).
     const Index per = (slice_len / slices + 15) / 16 * 16;
     const Index a = std::min(slice_len, s * per), b = s + 1 == slices ? slice_len : std::min(slice_len, (s + 1) * per);
-    if (a >= b) continue;
+    if (a >= b) return;
     for (Index k0 = 0; k0 < k_len; k0 += kProjectChunk) {
       const Index kc = std::min(kProjectChunk, k_len - k0);
       if (left) {
@@ -98,7 +96,25 @@ void project_dense(MatrixView<const float> G, float* R, const float* P, bool lef
         rank_update(out, U, V, 1.0, one);
       }
     }
+  };
+  // A slice's rank updates allocate their workspace on the thread that runs them, inside the
+  // region: an exception (std::bad_alloc) must not leave the region (the program would
+  // terminate), so the first one is kept and rethrown after it (R's contents are then unspecified).
+  std::exception_ptr error;
+#if defined(LOWRANK_HAVE_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(slices)) if (slices > 1)
+#endif
+  for (Index s = 0; s < slices; ++s) {
+    try {
+      project_slice(s);
+    } catch (...) {
+#if defined(LOWRANK_HAVE_OPENMP)
+#pragma omp critical(lowrank_project_dense_error)
+#endif
+      if (!error) error = std::current_exception();
+    }
   }
+  if (error) std::rethrow_exception(error);
 }
 
 // The randomized range finder of `linalg::truncated_svd` (Halko, Martinsson and Tropp 2011, as
