@@ -249,14 +249,18 @@ TEST(Projector, RecoversGWhenItsRankIsAtMostR) {
 
 // Memory running out inside the projection's parallel region (each thread's rank updates allocate
 // their workspace there) reaches the caller as std::bad_alloc instead of terminating the program
-// (this test would then die). In a fresh thread (fresh OpenMP workers), a one-thread projection
-// sizes R and the calling thread's workspace; the two-thread projection then needs the worker's
-// (256 KiB), and allocations of more than 4 KiB fail.
+// (this test would then die). In a fresh thread, a one-thread projection sizes R and the calling
+// thread's workspace; the two-thread projection then needs a worker's (over 256 KiB), and
+// allocations of more than 4 KiB fail. The width grows with every run of the test in a process:
+// an OpenMP runtime that pools its workers across threads (LLVM's) may hand this thread a worker
+// whose workspace an earlier run already grew.
 TEST(Projector, AllocationFailureInTheProjectionThrowsToTheCaller) {
   if (!lowrank::has_openmp()) GTEST_SKIP() << "built without OpenMP: no parallel region";
-  std::thread([] {
-    const RowMatrix<float> G = randn(512, 512, 21);
-    Projector p(512, 512, 8, Side::left);
+  static Index runs = 0;
+  const Index cols = 640 + 32 * runs++;
+  std::thread([cols] {
+    const RowMatrix<float> G = randn(512, cols, 21);
+    Projector p(512, cols, 8, Side::left);
     p.set_basis(randn(512, 8, 22).cast<float>());
     RowMatrix<float> R;
     lowrank::set_num_threads(1);

@@ -116,8 +116,8 @@ class Projector {
 
   /// R = P^T G (left, `r x cols`) or G Q (right, `rows x r`), into row-major `R` (resized).
   /// Cost: 2 rows cols r flops (a gather for coordinates).
-  /// \throws std::bad_alloc when memory runs out, also inside the threaded product (R's contents
-  ///   are then unspecified).
+  /// \throws Error if no basis is set or G is not `rows x cols` (R unchanged); std::bad_alloc
+  ///   when memory runs out, also inside the threaded product (R's contents are then unspecified).
   void project(MatrixView<const float> G, RowMatrix<float>& R) const;
   /// W += alpha * (P N) (left) or alpha * (N Q^T) (right), N row-major `projected_rows() x
   /// projected_cols()`: one rank-r update of W (`lowrank::rank_update`; a scatter for coordinates).
