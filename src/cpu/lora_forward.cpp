@@ -482,7 +482,7 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
     }
   };
 
-  const Index align = path == Path::gemm ? nr : path == Path::axpy ? 16 : 24;
+  const Index align = path == Path::axpy ? 16 : 24;  // the static split of the non-GEMM paths
   if (threads <= 1) {
     if (xpack != nullptr)
       for (Index t = 0; t < tokens; ++t) pack_x(t);
@@ -511,8 +511,7 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
     }
 #pragma omp for schedule(static)
     for (std::size_t u = 0; u < unit_count; ++u) compute_unit(units[u]);
-    const int id = omp_get_thread_num(), count = omp_get_num_threads();
-    const auto [ob, oe] = thread_range(out, id, count, align);
+    const int id = omp_get_thread_num();
     if (path == Path::gemm) {
       if (extra > 0) {
 #pragma omp for schedule(static)
@@ -526,6 +525,7 @@ void forward(const char* fn, MatrixView<const float> X, WeightView<const TW> W, 
         run_gemm(b * kGemmCols, std::min(out, (b + 1) * kGemmCols), wg + id * wg_size);
       }
     } else {
+      const auto [ob, oe] = thread_range(out, id, omp_get_num_threads(), align);
       run_range(ob, oe);
     }
   }

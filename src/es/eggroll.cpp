@@ -542,12 +542,11 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
       for (int j = 0; j < 4; ++j)
         for (Index i = 0; i < out; ++i) u[j * ldu + i] = a * u[j * ldu + i];
     } else {  // row-major factors: scatter their columns
-      float* st = stream;
-      fill_normals(kern, p.key, index, 0, n_b + static_cast<std::uint64_t>(out) * r, st);
+      fill_normals(kern, p.key, index, 0, n_b + static_cast<std::uint64_t>(out) * r, stream);
       for (Index i = 0; i < in; ++i)
-        for (int j = 0; j < r; ++j) v[j * ldv + i] = st[static_cast<std::size_t>(i) * r + j];
+        for (int j = 0; j < r; ++j) v[j * ldv + i] = stream[static_cast<std::size_t>(i) * r + j];
       for (Index i = 0; i < out; ++i)
-        for (int j = 0; j < r; ++j) u[j * ldu + i] = a * st[n_b + static_cast<std::size_t>(i) * r + j];
+        for (int j = 0; j < r; ++j) u[j * ldu + i] = a * stream[n_b + static_cast<std::size_t>(i) * r + j];
     }
   };
   if (kern.update_fused == nullptr && G.col_stride == 1) {
@@ -555,25 +554,25 @@ void aggregate_update(const Perturbation& p, std::span<const double> fitness, do
     // update's packed operands (U's columns in panels of MR rows, V's in blocks of NR rows), then
     // one rank_update_packed per chunk: the same bits as rank_update(G, U, V, 1) on the matrices
     // below, without forming the chunk's whole U and V and packing them again.
+    // Groups of noise indices (about 16 columns of U and V each) per task: a panel's stretch for
+    // the whole group is then one contiguous write (one column at a time wrote a few bytes into
+    // every panel per column: 3% of the update, a TLB entry per panel).
+    const std::int64_t group = std::max(1, 16 / r);
+    // The group's columns 64 bytes more than a multiple of 64 bytes apart: at a multiple of 4 KiB
+    // (any power-of-two length from 1024) the scatter's reads of one row from every column fall
+    // into one L1 set and evict each other (measured: the scatter took 6% of a two-thread rank-4
+    // update at d = 1024).
+    const Index ldu = (out + 15) / 16 * 16 + 16, ldv = (in + 15) / 16 * 16 + 16;
+    const std::size_t u_size = static_cast<std::size_t>(ldu) * r * group;
+    const std::size_t v_size = static_cast<std::size_t>(ldv) * r * group;
+    float* const* const scratch = scratch_slots(threads, u_size + v_size + stream_size);
     for (std::size_t c0 = 0; c0 < active.size(); c0 += static_cast<std::size_t>(per)) {
       const auto cnt =
           static_cast<std::int64_t>(std::min<std::size_t>(static_cast<std::size_t>(per), active.size() - c0));
       const Index depth = static_cast<Index>(cnt) * r;
       const detail::PackedOperands ops = detail::packed_operands(out, in, depth);
       const Index mr = ops.mr, nr = ops.nr;
-      // Groups of noise indices (about 16 columns of U and V each) per task: a panel's stretch
-      // for the whole group is then one contiguous write (one column at a time wrote a few
-      // bytes into every panel per column: 3% of the update, a TLB entry per panel).
-      const std::int64_t group = std::max(1, 16 / r);
       const std::int64_t groups = (cnt + group - 1) / group;
-      // The group's columns 64 bytes more than a multiple of 64 bytes apart: at a multiple of
-      // 4 KiB (any power-of-two length from 1024) the scatter's reads of one row from every column
-      // fall into one L1 set and evict each other (measured: the scatter took 6% of a
-      // two-thread rank-4 update at d = 1024).
-      const Index ldu = (out + 15) / 16 * 16 + 16, ldv = (in + 15) / 16 * 16 + 16;
-      const std::size_t u_size = static_cast<std::size_t>(ldu) * r * group;
-      const std::size_t v_size = static_cast<std::size_t>(ldv) * r * group;
-      float* const* const scratch = scratch_slots(threads, u_size + v_size + stream_size);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && groups > 1)
       for (std::int64_t gi = 0; gi < groups; ++gi) {
         const std::int64_t q0 = gi * group, qn = std::min(cnt, q0 + group) - q0;
