@@ -266,6 +266,56 @@ TEST(EsForward, RowsAreIndependentOfBatchAndThreads) {
   EXPECT_EQ(0, std::memcmp(y9.data(), y1.data() + 9 * out, out * 4));
 }
 
+// A row's output does not depend on how many rows share its noise. On the SIMD targets a noise
+// index with at most 8 rows (contiguous X and Y) takes the fused rank-4 kernel, which generates
+// the factors and applies them in one pass; more rows take factors_t4 + row_term. Both must give
+// the same bits, including the tails past the last 16-row chunk of B and A (in, out not
+// multiples of 16 or 8), and must match the float64 reference.
+TEST(EsForward, RankFourRowsAreBitwiseTheSameHoweverManyShareTheirNoise) {
+  TargetGuard guard;
+  const std::int64_t population = 6;
+  const Perturbation p = make_p(4, population, Antithetic::interleaved, 0.5);
+  for (Target t : {Target::scalar, Target::avx2, Target::avx2_128, Target::avx512}) {
+    if (!supported(t)) continue;
+    force_target(t);
+    for (auto [in, out] : {std::pair<Index, Index>{53, 37}, {64, 48}, {40, 24}, {7, 5}, {16, 9}}) {
+      const std::vector<float> w = gaussian(out * in, 21), x = gaussian(population * in, 22);
+      const WeightView<const float> W{row_major<const float>(w.data(), out, in), Layout::out_in};
+      // Batch 1: every member once (noise groups of two rows: the fused kernel on SIMD targets).
+      std::vector<std::int64_t> once(population);
+      std::iota(once.begin(), once.end(), 0);
+      std::vector<float> y1(population * out);
+      es::population_forward(row_major<const float>(x.data(), population, in), W, p, once,
+                             row_major(y1.data(), population, out));
+      // Batch 2: every member 5 times, interleaved (groups of 10 rows: the two-step path).
+      const Index reps = 5, tokens = reps * population;
+      std::vector<float> xr(tokens * in), y2(tokens * out);
+      std::vector<std::int64_t> many(tokens);
+      for (Index q = 0; q < tokens; ++q) {
+        many[q] = q % population;
+        std::copy_n(x.data() + many[q] * in, in, xr.data() + q * in);
+      }
+      es::population_forward(row_major<const float>(xr.data(), tokens, in), W, p, many,
+                             row_major(y2.data(), tokens, out));
+      for (Index q = 0; q < tokens; ++q) {
+        ASSERT_EQ(0, std::memcmp(y2.data() + q * out, y1.data() + many[q] * out, out * sizeof(float)))
+            << "target " << static_cast<int>(t) << " in " << in << " out " << out << " row " << q;
+      }
+      for (std::int64_t m = 0; m < population; ++m) {
+        const std::vector<double> e = eps_ref(p, m, out, in);
+        for (Index o = 0; o < out; ++o) {
+          double ref = 0, mag = 0;
+          for (Index i = 0; i < in; ++i) {
+            const double v = double(x[m * in + i]) * (w[o * in + i] + p.sigma * e[o * in + i]);
+            ref += v, mag += std::abs(v);
+          }
+          ASSERT_NEAR(y1[m * out + o], ref, 1e-5 * mag + 1e-6) << "member " << m << " o " << o;
+        }
+      }
+    }
+  }
+}
+
 TEST(EsForward, Bf16Weights) {
   const Index out = 33, in = 40, tokens = 6;
   const Perturbation p = make_p(1, 6, Antithetic::interleaved, 0.5);

@@ -33,7 +33,16 @@ struct EsKernels {
   void (*update_fused)(float* g, std::ptrdiff_t rs, std::ptrdiff_t cs, const float* u, const float* v,
                        std::ptrdiff_t row0, std::ptrdiff_t rows, std::ptrdiff_t out, std::ptrdiff_t in,
                        std::ptrdiff_t k);
+  // Optional (nullptr: use factors_t4 and row_term): the rank-4 factors of (key, index) applied
+  // to rows 0 <= q < rows (rows <= kMaxFusedRows), x[q] and y[q] contiguous, without storing the
+  // factors; bitwise what factors_t4 followed by row_term(x[q], bt, at, in, out, 4, scale[q], y[q])
+  // for each q computes.
+  void (*row_terms_t4)(const es::NoiseKey& key, std::uint32_t index, std::ptrdiff_t in, std::ptrdiff_t out, int rows,
+                       const float* const* x, float* const* y, const float* scale);
 };
+
+// Most rows one row_terms_t4 call takes (its accumulators live on the stack).
+inline constexpr int kMaxFusedRows = 8;
 
 extern const EsKernels es_kernels_scalar;
 #if defined(LOWRANK_HAVE_AVX2)

@@ -56,7 +56,7 @@ void update_fused_scalar(float* g, std::ptrdiff_t rs, std::ptrdiff_t cs, const f
 
 }  // namespace
 
-const EsKernels es_kernels_scalar{normals_scalar, row_term_scalar, factors_t4_scalar, update_fused_scalar};
+const EsKernels es_kernels_scalar{normals_scalar, row_term_scalar, factors_t4_scalar, update_fused_scalar, nullptr};
 
 }  // namespace detail
 LOWRANK_END_NAMESPACE

@@ -315,10 +315,27 @@ void population_forward(MatrixView<const float> X, WeightView<const TW> W, const
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && groups > 1)
   for (std::int64_t g = 0; g < groups; ++g) {
     const ForwardScratch sc = layout.carve(scratch[thread_slot()]);
-    const std::uint32_t index = order[starts[static_cast<std::size_t>(g)]].first;
+    const std::size_t first = starts[static_cast<std::size_t>(g)], last = starts[static_cast<std::size_t>(g) + 1];
+    const std::uint32_t index = order[first].first;
+    if (p.rank == 4 && k.row_terms_t4 != nullptr && x_unit && y_unit && last - first <= detail::kMaxFusedRows) {
+      // The group's rows in one pass over freshly generated factors (bitwise the path below).
+      const float* xs[detail::kMaxFusedRows];
+      float* ys[detail::kMaxFusedRows];
+      float scales[detail::kMaxFusedRows];
+      int rows = 0;
+      for (std::size_t q = first; q < last; ++q, ++rows) {
+        const Index t = order[q].second;
+        const MemberNoise mn = member_noise(members[static_cast<std::size_t>(t)], p.population, p.antithetic);
+        xs[rows] = &X(t, 0);
+        ys[rows] = &Y(t, 0);
+        scales[rows] = static_cast<float>(static_cast<double>(mn.sign) * base_scale);
+      }
+      k.row_terms_t4(p.key, index, in, out, rows, xs, ys, scales);
+      continue;
+    }
     const float *bt = nullptr, *at = nullptr;
     factors_transposed(k, p.key, index, out, in, p.rank, sc, bt, at);
-    for (std::size_t q = starts[static_cast<std::size_t>(g)]; q < starts[static_cast<std::size_t>(g) + 1]; ++q) {
+    for (std::size_t q = first; q < last; ++q) {
       const Index t = order[q].second;
       const MemberNoise mn = member_noise(members[static_cast<std::size_t>(t)], p.population, p.antithetic);
       const auto scale = static_cast<float>(static_cast<double>(mn.sign) * base_scale);
