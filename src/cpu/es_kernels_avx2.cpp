@@ -305,6 +305,14 @@ void row_term_avx2(const float* x, const float* bt, const float* at, std::ptrdif
   }
 }
 
+// Prefetches the line four 16-row chunks ahead of p (a row of X or Y, read a line per chunk,
+// about 250 cycles apart: the hardware prefetchers do not keep up; +0.4 to +1.5% on the rank-4
+// population forward). The address is formed as an integer: it may lie past the row (prefetches
+// never fault).
+inline void prefetch_ahead(const float* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(p) + 64 * sizeof(float)), _MM_HINT_T0);
+}
+
 // Rank 4, factors generated and applied in one pass: for each row q < rows, bitwise what
 // factors_t4 followed by row_term(x[q], bt, at, in, out, 4, scale[q], y[q]) computes. Each
 // sixteen-row chunk of B goes straight into the rows' dot products (acc0 takes the chunk's
@@ -325,6 +333,7 @@ void row_terms_t4_avx2(const es::NoiseKey& key, std::uint32_t index, std::ptrdif
   for (std::ptrdiff_t i0 = 0; i0 < in16; i0 += 16) {
     __m256 cc[4], ss[4];
     normals16(key, index, static_cast<std::uint32_t>(i0), keys, cc, ss);
+    for (int q = 0; q < rows; ++q) prefetch_ahead(x[q] + i0);
     for (int q = 0; q < rows; ++q) {
       for (int h = 0; h < 2; ++h) {
         const __m256 xv = _mm256_loadu_ps(x[q] + i0 + 8 * h);
@@ -351,6 +360,7 @@ void row_terms_t4_avx2(const es::NoiseKey& key, std::uint32_t index, std::ptrdif
   for (std::ptrdiff_t o0 = 0; o0 < out16; o0 += 16) {
     __m256 cc[4], ss[4];
     normals16(key, index, static_cast<std::uint32_t>(in + o0), keys, cc, ss);
+    for (int q = 0; q < rows; ++q) prefetch_ahead(y[q] + o0);
     for (int q = 0; q < rows; ++q) {
       for (int h = 0; h < 2; ++h) {
         float* yo = y[q] + o0 + 8 * h;
