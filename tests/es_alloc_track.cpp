@@ -41,3 +41,32 @@ void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
 void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+
+// The over-aligned forms (the library's cache-aligned workspaces use them), with std::aligned_alloc
+// (also released by std::free).
+namespace {
+void* allocate_aligned_nothrow(std::size_t n, std::align_val_t a) noexcept {
+  if (n > g_fail_above.load(std::memory_order_relaxed)) return nullptr;
+  note(n);
+  const auto al = static_cast<std::size_t>(a);
+  return std::aligned_alloc(al, (n + al - 1) / al * al + (n == 0 ? al : 0));
+}
+void* allocate_aligned(std::size_t n, std::align_val_t a) {
+  if (void* p = allocate_aligned_nothrow(n, a)) return p;
+  throw std::bad_alloc();
+}
+}  // namespace
+void* operator new(std::size_t n, std::align_val_t a) { return allocate_aligned(n, a); }
+void* operator new[](std::size_t n, std::align_val_t a) { return allocate_aligned(n, a); }
+void* operator new(std::size_t n, std::align_val_t a, const std::nothrow_t&) noexcept {
+  return allocate_aligned_nothrow(n, a);
+}
+void* operator new[](std::size_t n, std::align_val_t a, const std::nothrow_t&) noexcept {
+  return allocate_aligned_nothrow(n, a);
+}
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }

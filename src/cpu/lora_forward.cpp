@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../core/aligned_vector.hpp"
 #include "kernel_api.hpp"
 #include "lora_forward_api.hpp"
 #include "lowrank/core/error.hpp"
@@ -64,7 +65,7 @@ constexpr Index kGemmDepth = 512;
 constexpr Index kGemmCols = 64;
 
 struct ForwardWorkspace {
-  std::vector<float> x, t, a, b, acc, xg, wg;
+  AlignedVector<float> x, t, a, b, acc, xg, wg;
   std::vector<Index> offset;
   std::vector<const float*> a_ptr;
   std::vector<Index> a_ld;
@@ -72,8 +73,8 @@ struct ForwardWorkspace {
 };
 thread_local ForwardWorkspace tls_forward;
 
-template <class T>
-T* grow(std::vector<T>& v, std::size_t n) {
+template <class T, class A>
+T* grow(std::vector<T, A>& v, std::size_t n) {
   if (v.size() < n) v.resize(n);
   return v.data();
 }

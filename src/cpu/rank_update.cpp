@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../core/aligned_vector.hpp"
 #include "kernel_api.hpp"
 #include "lowrank/core/error.hpp"
 #include "lowrank/core/philox.hpp"
@@ -40,8 +41,8 @@ auto to_compute(T x) {
 }
 
 // Per-thread workspace that only grows: hot calls do not allocate once warmed up.
-template <class T>
-T* workspace(std::vector<T>& buffer, std::size_t count) {
+template <class T, class A>
+T* workspace(std::vector<T, A>& buffer, std::size_t count) {
   if (buffer.size() < count) buffer.resize(count);
   return buffer.data();
 }
@@ -232,8 +233,8 @@ void store_stochastic(T& out, float x, std::uint32_t random) {
 // The calling thread's workspace: packed A and B, and one gather tile per worker thread. Sized
 // before the parallel region, so nothing allocates (or throws) inside it.
 struct Workspace {
-  std::vector<float> a32, b32, tiles32;
-  std::vector<double> a64, b64, tiles64;
+  AlignedVector<float> a32, b32, tiles32;
+  AlignedVector<double> a64, b64, tiles64;
 };
 thread_local Workspace tls_workspace;
 

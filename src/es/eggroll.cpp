@@ -12,6 +12,7 @@
 #include <omp.h>
 #endif
 
+#include "../core/aligned_vector.hpp"
 #include "../cpu/es_kernels_api.hpp"
 #include "../cpu/rank_update_packed.hpp"
 #include "../cpu/view_checks-inl.hpp"
@@ -87,8 +88,8 @@ void fill_normals(const detail::EsKernels& k, const NoiseKey& key, std::uint32_t
   while (e < end) *out++ = noise_normal(key, index, e++);
 }
 
-// A buffer that only grows.
-float* grow(std::vector<float>& buffer, std::size_t count) {
+// A buffer that only grows (cache-line aligned: the update packs the kernels' operands into them).
+float* grow(detail::AlignedVector<float>& buffer, std::size_t count) {
   if (buffer.size() < count) buffer.resize(count);
   return buffer.data();
 }
@@ -101,8 +102,8 @@ float* grow(std::vector<float>& buffer, std::size_t count) {
 struct CallBuffers {
   std::vector<std::pair<std::uint32_t, Index>> order;
   std::vector<std::size_t> starts;
-  std::vector<float> u, v;
-  std::vector<std::vector<float>> slots;
+  detail::AlignedVector<float> u, v;
+  std::vector<detail::AlignedVector<float>> slots;
   std::vector<float*> slot_ptr;
 };
 thread_local CallBuffers tls_call;
