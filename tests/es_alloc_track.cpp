@@ -46,9 +46,9 @@ void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); 
 // (also released by std::free).
 namespace {
 void* allocate_aligned_nothrow(std::size_t n, std::align_val_t a) noexcept {
-  if (n > g_fail_above.load(std::memory_order_relaxed)) return nullptr;
-  note(n);
   const auto al = static_cast<std::size_t>(a);
+  if (n > g_fail_above.load(std::memory_order_relaxed) || n > static_cast<std::size_t>(-1) - al) return nullptr;
+  note(n);
   return std::aligned_alloc(al, (n + al - 1) / al * al + (n == 0 ? al : 0));
 }
 void* allocate_aligned(std::size_t n, std::align_val_t a) {

@@ -18,6 +18,7 @@
 #include "lowrank/core/error.hpp"
 #include "lowrank/core/threading.hpp"
 #include "lowrank/es/eggroll.hpp"
+#include "lowrank/kernels/lora_forward.hpp"
 #include "lowrank/kernels/rank_update.hpp"
 #include "lowrank/kernels/targets.hpp"
 
@@ -269,47 +270,59 @@ TEST(EsForward, RowsAreIndependentOfBatchAndThreads) {
 // A row's output does not depend on how many rows share its noise. On the SIMD targets a noise
 // index with at most 8 rows (contiguous X and Y) takes the fused rank-4 kernel, which generates
 // the factors and applies them in one pass; more rows take factors_t4 + row_term. Both must give
-// the same bits, including the tails past the last 16-row chunk of B and A (in, out not
-// multiples of 16 or 8), and must match the float64 reference.
+// the same bits, for every group size the fused kernel takes (1 to 8 rows, every row its own
+// input), including the tails past the last 16-row chunk of B and A (in, out not multiples of 16
+// or 8, in < 16 <= out), and must match the float64 reference. Every batch has at least
+// lora_forward_gemm_tokens rows (the base product's bits depend on that side of the threshold).
 TEST(EsForward, RankFourRowsAreBitwiseTheSameHoweverManyShareTheirNoise) {
   TargetGuard guard;
-  const std::int64_t population = 6;
-  const Perturbation p = make_p(4, population, Antithetic::interleaved, 0.5);
-  for (Target t : {Target::scalar, Target::avx2, Target::avx2_128, Target::avx512}) {
+  const std::int64_t population = 8, compared = 6;  // members 6 and 7 fill the batches up
+  for (Target t : {Target::scalar, Target::avx2}) {
     if (!supported(t)) continue;
     force_target(t);
-    for (auto [in, out] : {std::pair<Index, Index>{53, 37}, {64, 48}, {40, 24}, {7, 5}, {16, 9}}) {
-      const std::vector<float> w = gaussian(out * in, 21), x = gaussian(population * in, 22);
-      const WeightView<const float> W{row_major<const float>(w.data(), out, in), Layout::out_in};
-      // Batch 1: every member once (noise groups of two rows: the fused kernel on SIMD targets).
-      std::vector<std::int64_t> once(population);
-      std::iota(once.begin(), once.end(), 0);
-      std::vector<float> y1(population * out);
-      es::population_forward(row_major<const float>(x.data(), population, in), W, p, once,
-                             row_major(y1.data(), population, out));
-      // Batch 2: every member 5 times, interleaved (groups of 10 rows: the two-step path).
-      const Index reps = 5, tokens = reps * population;
-      std::vector<float> xr(tokens * in), y2(tokens * out);
-      std::vector<std::int64_t> many(tokens);
-      for (Index q = 0; q < tokens; ++q) {
-        many[q] = q % population;
-        std::copy_n(x.data() + many[q] * in, in, xr.data() + q * in);
-      }
-      es::population_forward(row_major<const float>(xr.data(), tokens, in), W, p, many,
-                             row_major(y2.data(), tokens, out));
-      for (Index q = 0; q < tokens; ++q) {
-        ASSERT_EQ(0, std::memcmp(y2.data() + q * out, y1.data() + many[q] * out, out * sizeof(float)))
-            << "target " << static_cast<int>(t) << " in " << in << " out " << out << " row " << q;
-      }
-      for (std::int64_t m = 0; m < population; ++m) {
-        const std::vector<double> e = eps_ref(p, m, out, in);
-        for (Index o = 0; o < out; ++o) {
-          double ref = 0, mag = 0;
-          for (Index i = 0; i < in; ++i) {
-            const double v = double(x[m * in + i]) * (w[o * in + i] + p.sigma * e[o * in + i]);
-            ref += v, mag += std::abs(v);
+    for (Antithetic anti : {Antithetic::interleaved, Antithetic::none}) {
+      const Perturbation p = make_p(4, population, anti, 0.5);
+      const Index shares = anti == Antithetic::none ? 1 : 2;  // members per noise index
+      for (auto [in, out] : {std::pair<Index, Index>{53, 37}, {64, 48}, {40, 24}, {7, 5}, {7, 37}, {16, 9}}) {
+        const std::vector<float> w = gaussian(out * in, 21);
+        const WeightView<const float> W{row_major<const float>(w.data(), out, in), Layout::out_in};
+        // Rows [0, tokens): member q % compared, input x's row q. With `pad`, 10 more rows for
+        // each compared member (their noise groups then have more than 8 rows: the two-step
+        // path). Then rows of member 6 up to lora_forward_gemm_tokens rows in all.
+        auto forward = [&](const std::vector<float>& x, Index tokens, bool pad) {
+          const Index padded = tokens + (pad ? 10 * compared : 0);
+          const Index rows = std::max<Index>(padded, lora_forward_gemm_tokens);
+          std::vector<float> xr(x), y(rows * out);
+          xr.resize(rows * in, 0.5f);
+          std::vector<std::int64_t> members(rows);
+          for (Index q = 0; q < rows; ++q) members[q] = q < padded ? q % compared : compared;
+          es::population_forward(row_major<const float>(xr.data(), rows, in), W, p, members,
+                                 row_major(y.data(), rows, out));
+          y.resize(tokens * out);
+          return y;
+        };
+        for (Index reps = 1; reps * shares <= 8; ++reps) {  // noise groups of 1 to 8 rows
+          const Index tokens = reps * compared;
+          const std::vector<float> x = gaussian(tokens * in, 22 + static_cast<unsigned>(reps));
+          const std::vector<float> y = forward(x, tokens, false), ref = forward(x, tokens, true);
+          for (Index q = 0; q < tokens; ++q) {
+            ASSERT_EQ(0, std::memcmp(y.data() + q * out, ref.data() + q * out, out * sizeof(float)))
+                << "target " << static_cast<int>(t) << " in " << in << " out " << out << " rows per noise "
+                << reps * shares << " row " << q;
           }
-          ASSERT_NEAR(y1[m * out + o], ref, 1e-5 * mag + 1e-6) << "member " << m << " o " << o;
+        }
+        const std::vector<float> x = gaussian(compared * in, 22);
+        const std::vector<float> ref = forward(x, compared, true);
+        for (std::int64_t m = 0; m < compared; ++m) {
+          const std::vector<double> e = eps_ref(p, m, out, in);
+          for (Index o = 0; o < out; ++o) {
+            double sum = 0, mag = 0;
+            for (Index i = 0; i < in; ++i) {
+              const double v = double(x[m * in + i]) * (w[o * in + i] + p.sigma * e[o * in + i]);
+              sum += v, mag += std::abs(v);
+            }
+            ASSERT_NEAR(ref[m * out + o], sum, 1e-5 * mag + 1e-6) << "member " << m << " o " << o;
+          }
         }
       }
     }
