@@ -283,7 +283,9 @@ TEST(EsForward, RankFourRowsAreBitwiseTheSameHoweverManyShareTheirNoise) {
     for (Antithetic anti : {Antithetic::interleaved, Antithetic::none}) {
       const Perturbation p = make_p(4, population, anti, 0.5);
       const Index shares = anti == Antithetic::none ? 1 : 2;  // members per noise index
-      for (auto [in, out] : {std::pair<Index, Index>{53, 37}, {64, 48}, {40, 24}, {7, 5}, {7, 37}, {16, 9}}) {
+      const std::pair<Index, Index> shapes[] = {{53, 37}, {64, 48}, {40, 24}, {7, 5}, {7, 37}, {16, 9}};
+      for (const auto& shape : shapes) {
+        const Index in = shape.first, out = shape.second;  // (Clang 14's lambdas cannot capture bindings)
         const std::vector<float> w = gaussian(out * in, 21);
         const WeightView<const float> W{row_major<const float>(w.data(), out, in), Layout::out_in};
         // Rows [0, tokens): member q % compared, input x's row q. With `pad`, 10 more rows for
