@@ -1,4 +1,5 @@
-// Cache-line aligned std::vector storage for the kernels' packed operands and scratch.
+// Cache-line aligned std::vector storage for the kernels' packed operands and scratch, and the
+// grow-only workspace helper shared by the entry points.
 //
 // glibc serves allocations of 128 KiB and more from mmap, 16 bytes past a page boundary: a packed
 // panel read with 32-byte vector loads from such a buffer splits a cache line on every other
@@ -35,6 +36,14 @@ struct CacheAlignedAllocator {
 
 template <class T>
 using AlignedVector = std::vector<T, CacheAlignedAllocator<T>>;
+
+// A workspace that only grows: room for n elements, its data returned (a warmed-up call does not
+// allocate).
+template <class T, class A>
+T* grow(std::vector<T, A>& v, std::size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
 
 }  // namespace detail
 LOWRANK_END_NAMESPACE

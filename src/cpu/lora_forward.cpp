@@ -73,12 +73,6 @@ struct ForwardWorkspace {
 };
 thread_local ForwardWorkspace tls_forward;
 
-template <class T, class A>
-T* grow(std::vector<T, A>& v, std::size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
-
 Index round_up(Index x, Index m) { return (x + m - 1) / m * m; }
 
 template <class TW>

@@ -40,13 +40,6 @@ auto to_compute(T x) {
   }
 }
 
-// Per-thread workspace that only grows: hot calls do not allocate once warmed up.
-template <class T, class A>
-T* workspace(std::vector<T, A>& buffer, std::size_t count) {
-  if (buffer.size() < count) buffer.resize(count);
-  return buffer.data();
-}
-
 // Row panels: MR rows each. Full panels take every q-th row (q = m / MR): panel p holds rows
 // p, p + q, ..., p + (MR - 1) q, so that the kernel streams MR far-apart, long contiguous runs
 // of W (consecutive panels continue each run) instead of restarting MR short streams per panel;
@@ -304,13 +297,13 @@ void run(MatrixView<TW> c, const MatrixView<const TF>& u, const MatrixView<const
   C* tiles = nullptr;
   const auto tile_size = static_cast<std::size_t>(mr * nc);
   if constexpr (std::is_same_v<C, double>) {
-    apack = workspace(ws.a64, static_cast<std::size_t>(panels * r * mr));
-    bpack = workspace(ws.b64, static_cast<std::size_t>(blocks * r * nr));
-    if (!direct) tiles = workspace(ws.tiles64, tile_size * static_cast<std::size_t>(threads));
+    apack = grow(ws.a64, static_cast<std::size_t>(panels * r * mr));
+    bpack = grow(ws.b64, static_cast<std::size_t>(blocks * r * nr));
+    if (!direct) tiles = grow(ws.tiles64, tile_size * static_cast<std::size_t>(threads));
   } else {
-    apack = workspace(ws.a32, static_cast<std::size_t>(panels * r * mr));
-    bpack = workspace(ws.b32, static_cast<std::size_t>(blocks * r * nr));
-    if (!direct) tiles = workspace(ws.tiles32, tile_size * static_cast<std::size_t>(threads));
+    apack = grow(ws.a32, static_cast<std::size_t>(panels * r * mr));
+    bpack = grow(ws.b32, static_cast<std::size_t>(blocks * r * nr));
+    if (!direct) tiles = grow(ws.tiles32, tile_size * static_cast<std::size_t>(threads));
   }
   const double alpha_a = transposed ? 1.0 : alpha;
   const double alpha_b = transposed ? alpha : 1.0;
@@ -400,8 +393,8 @@ PackedOperands packed_operands(Index m, Index n, Index r) {
   PackedOperands ops;
   ops.m = m, ops.n = n, ops.r = r, ops.mr = kern.mr_f32, ops.nr = kern.nr_f32, ops.kernels = &kern;
   Workspace& ws = tls_workspace;
-  ops.a = workspace(ws.a32, static_cast<std::size_t>(ops.panels() * r * ops.mr));
-  ops.b = workspace(ws.b32, static_cast<std::size_t>(ops.blocks() * r * ops.nr));
+  ops.a = grow(ws.a32, static_cast<std::size_t>(ops.panels() * r * ops.mr));
+  ops.b = grow(ws.b32, static_cast<std::size_t>(ops.blocks() * r * ops.nr));
   return ops;
 }
 

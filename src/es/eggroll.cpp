@@ -88,11 +88,8 @@ void fill_normals(const detail::EsKernels& k, const NoiseKey& key, std::uint32_t
   while (e < end) *out++ = noise_normal(key, index, e++);
 }
 
-// A buffer that only grows (cache-line aligned: the update packs the kernels' operands into them).
-float* grow(detail::AlignedVector<float>& buffer, std::size_t count) {
-  if (buffer.size() < count) buffer.resize(count);
-  return buffer.data();
-}
+// Buffers that only grow (cache-line aligned: the update packs the kernels' operands into them).
+using detail::grow;
 
 // The calling thread's buffers of the entry points (grow only: warmed-up calls do not allocate).
 // Every buffer a parallel region uses is allocated before the region, on the calling thread: an
