@@ -2,7 +2,9 @@
 # The GPU check of the CUDA backend, for a machine with an NVIDIA GPU (H100/H200, CUDA 13,
 # cmake, ninja, PyTorch): configure, build, run the GPU tests (and compute-sanitizer memcheck on
 # them), run the GPU benchmark against the device copy and cuBLAS, time the PyTorch equivalents
-# and print one ratio table. Logs and JSON go to $OUT (default ./gpu-check-out).
+# and print one ratio table; then, when ncu is installed, profile lowrank's kernels (one call of
+# each benchmark case) and print what bounds each. Logs and JSON go to $OUT (default
+# ./gpu-check-out).
 # usage: scripts/gpu-check.sh [cuda-architectures, default 90]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,5 +39,17 @@ stamp benchmark
 "$BUILD/benchmarks/cuda/lowrank_cuda_bench" "$OUT/cuda_bench.json" 2>&1 | tee "$OUT/bench.log"
 stamp "pytorch baselines"
 PYTHONUNBUFFERED=1 python3 scripts/gpu_torch_baselines.py "$OUT/cuda_bench.json" "$OUT/torch.json" 2>&1 | tee "$OUT/table.txt"
+if command -v ncu >/dev/null; then
+  # Last, so that a profiler problem cannot cost the figures above: every case of the benchmark
+  # called once (`--once`), lowrank's own kernels profiled (what bounds each: DRAM/SM throughput,
+  # occupancy, issue use). Full report in $OUT/ncu.txt.
+  stamp "ncu: lowrank's kernels, one call of each case"
+  timeout 240 ncu --target-processes all -k 'regex:rank_update|lora_|eggroll_term|noise_factors' \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
+    --section WarpStateStats --section MemoryWorkloadAnalysis \
+    "$BUILD/benchmarks/cuda/lowrank_cuda_bench" --once >"$OUT/ncu.txt" 2>&1
+  echo "ncu exit $?"
+  python3 scripts/ncu_summary.py "$OUT/ncu.txt" 2>&1 | tee "$OUT/ncu_summary.txt" || tail -20 "$OUT/ncu.txt"
+fi
 stamp done
 exit "$tests_rc"

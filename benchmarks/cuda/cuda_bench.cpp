@@ -4,7 +4,7 @@
 // captured energy; scripts/gpu_torch_baselines.py times torch.svd_lowrank on the same recipe). cudaEvent timing, medians of batches
 // (several launches per batch for short kernels), inputs rotated among several copies so that
 // the 50 MB L2 does not hold them across repetitions. Prints a table and writes JSON lines
-// (argv[1], default cuda_bench.json).
+// (argv[1], default cuda_bench.json). `--once` calls every case once, untimed, for a profiler.
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
@@ -55,12 +55,20 @@ void fill(T* d, std::size_t n, float scale, std::uint64_t seed) {
 }
 
 cudaStream_t g_stream = nullptr;
+// `--once`: every case is called once, untimed and outside graphs (for a profiler such as ncu;
+// scripts/gpu-check.sh); the printed figures are then meaningless.
+bool g_once = false;
 
 // Median milliseconds per call of f(rep), each call enqueued on g_stream: `batch` calls are
 // captured into a CUDA graph (launch gaps and host-side argument checks out of the numbers) and
 // the graph replayed `batches` times, each replay timed with events. With graph == false the
 // calls themselves are timed (host overhead included when it exceeds the device time).
 double time_ms(const std::function<void(int)>& f, int batch, int batches = 15, bool graph = true) {
+  if (g_once) {
+    f(0);
+    ck(cudaStreamSynchronize(g_stream), "once");
+    return 1.0;
+  }
   for (int i = 0; i < 3; ++i) f(i);
   ck(cudaStreamSynchronize(g_stream), "warm-up");
   cudaEvent_t a, b;
@@ -142,6 +150,13 @@ void bench_rank_update(const char* type, std::int64_t d) {
     }, 1);
     record(std::string("rank_update ") + type + " " + std::to_string(d) + "^2 r=" + std::to_string(r), ms, copy,
            "device copy", copy / ms, "fraction of copy bandwidth");
+    const double piped = time_ms([&](int rep) {
+      lc::rank_update<TW>(lc::device_row_major(rep % 2 ? w : w2, d, d), lc::device_row_major<const float>(u, d, r),
+                          lc::device_row_major<const float>(v, d, r), 0.5, {}, g_stream,
+                          lc::DeviceRankUpdateOptions{true});
+    }, 1);
+    record(std::string("rank_update ") + type + " " + std::to_string(d) + "^2 r=" + std::to_string(r) + " pipelined",
+           piped, copy, "device copy", copy / piped, "fraction of copy bandwidth");
     if (!std::is_same_v<TW, float> && r == 16) {
       lowrank::RankUpdateOptions o;
       o.rounding = lowrank::Rounding::stochastic;
@@ -317,7 +332,8 @@ int main(int argc, char** argv) {
     std::printf("no CUDA device: %s\n", why.c_str());
     return 0;
   }
-  json = std::fopen(argc > 1 ? argv[1] : "cuda_bench.json", "w");
+  g_once = argc > 1 && std::string(argv[1]) == "--once";
+  if (!g_once) json = std::fopen(argc > 1 ? argv[1] : "cuda_bench.json", "w");
   ck(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking), "stream");
   cudaDeviceProp prop{};
   int dev = 0, driver = 0, runtime = 0;
@@ -337,6 +353,9 @@ int main(int argc, char** argv) {
     lc::DeviceLoraOptions term;
     term.term_max_tokens = 512;
     for (std::int64_t tokens : {1, 16}) bench_lora<bf16>("bf16", 4096, 16, tokens, one_pass, " (one-pass mma)");
+    lc::DeviceLoraOptions one_pass_fma = one_pass;
+    one_pass_fma.bf16_one_pass_tensor_cores = false;
+    for (std::int64_t tokens : {1, 4}) bench_lora<bf16>("bf16", 4096, 16, tokens, one_pass_fma, " (one-pass FMA)");
     bench_lora<bf16>("bf16", 4096, 16, 256, term, " (term kernel)");
   }
   for (std::int64_t tokens : {1, 256}) bench_lora<float>("fp32", 4096, 16, tokens);

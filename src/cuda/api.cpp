@@ -40,7 +40,7 @@ bool device_available(std::string* reason) {
 template <DeviceScalar TW>
   requires(!std::is_const_v<TW>)
 void rank_update(DeviceMatrix<TW> W, DeviceMatrix<const float> U, DeviceMatrix<const float> V, double alpha,
-                 const RankUpdateOptions& options, cudaStream_t stream) {
+                 const RankUpdateOptions& options, cudaStream_t stream, const DeviceRankUpdateOptions& kernel) {
   constexpr const char* fn = "cuda::rank_update";
   using namespace detail;
   check_shape(fn, "W", W);
@@ -95,6 +95,7 @@ void rank_update(DeviceMatrix<TW> W, DeviceMatrix<const float> U, DeviceMatrix<c
   l.v = cv.data, l.v_rs = cv.row_stride, l.v_cs = cv.col_stride;
   l.alpha_u = transpose ? 1.0 : alpha;
   l.alpha_v = transpose ? alpha : 1.0;
+  l.pipelined = kernel.pipelined;
   check_cuda(fn, static_cast<cudaError_t>(launch_rank_update(l, stream)), "kernel launch");
 }
 
@@ -154,7 +155,8 @@ void lora_forward(DeviceMatrix<const T> X, DeviceMatrix<const T> W, DeviceMatrix
   // (fast up to a few tokens only: its X operands come from L1 for every product).
   const bool one_pass_layout = in % 8 == 0 && in > 0 && r <= 64 && rows_aligned(X) && rows_aligned(W) &&
                                (Y.col_stride == 1 || Y.cols == 1);
-  const bool use_mma = std::same_as<T, bf16> && in % 32 == 0 && device_major(fn) >= 8;
+  const bool use_mma = std::same_as<T, bf16> && options.bf16_one_pass_tensor_cores && in % 32 == 0 &&
+                       device_major(fn) >= 8;
   const std::int64_t one_pass_max = std::same_as<T, float> ? std::min<std::int64_t>(options.fp32_one_pass_max_tokens, 4)
                                                             : std::min<std::int64_t>(options.bf16_one_pass_max_tokens,
                                                                                      use_mma ? 16 : 4);
@@ -307,11 +309,11 @@ void eggroll_noise_factors(const es::NoiseKey& key, std::uint32_t noise_index, D
 }
 
 template void rank_update<float>(DeviceMatrix<float>, DeviceMatrix<const float>, DeviceMatrix<const float>, double,
-                                 const RankUpdateOptions&, cudaStream_t);
+                                 const RankUpdateOptions&, cudaStream_t, const DeviceRankUpdateOptions&);
 template void rank_update<bf16>(DeviceMatrix<bf16>, DeviceMatrix<const float>, DeviceMatrix<const float>, double,
-                                const RankUpdateOptions&, cudaStream_t);
+                                const RankUpdateOptions&, cudaStream_t, const DeviceRankUpdateOptions&);
 template void rank_update<f16>(DeviceMatrix<f16>, DeviceMatrix<const float>, DeviceMatrix<const float>, double,
-                               const RankUpdateOptions&, cudaStream_t);
+                               const RankUpdateOptions&, cudaStream_t, const DeviceRankUpdateOptions&);
 template void lora_forward<float>(DeviceMatrix<const float>, DeviceMatrix<const float>, DeviceMatrix<const float>,
                                   DeviceMatrix<const float>, double, DeviceMatrix<float>, void*, std::size_t,
                                   cudaStream_t, const DeviceLoraOptions&);

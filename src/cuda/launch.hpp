@@ -32,6 +32,7 @@ struct RankUpdateLaunch {
   bool stochastic;
   bool transposed;                // canonical (i, j) is the user's (j, i)
   std::uint64_t seed, stream_id, index_row0, index_col0, index_cols;
+  bool pipelined;                 // DeviceRankUpdateOptions::pipelined
 };
 // Returns a cudaError_t value (0 on success).
 int launch_rank_update(const RankUpdateLaunch& p, cudaStream_t stream);

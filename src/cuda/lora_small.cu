@@ -38,11 +38,21 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[8]) {
   }
 }
 
+// Lets the main kernel, launched as this grid's programmatic dependent on sm_90, start streaming
+// W now instead of when this grid exits: it reads T only after cudaGridDependencySynchronize(),
+// which waits for this grid's completion and the visibility of its writes, not for the trigger.
+__device__ __forceinline__ void let_dependent_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaTriggerProgrammaticLaunchCompletion();
+#endif
+}
+
 // T(t, c) = scale * X(t, :) . A(c, :), fp32. One warp per (t, c).
 template <class T>
 __global__ void lora_t_kernel(const T* __restrict__ x, std::int64_t ldx, const T* __restrict__ a, std::int64_t a_rs,
                               std::int64_t a_cs, std::int64_t tokens, std::int64_t in, int r, float scale,
                               float* __restrict__ t_out) {
+  let_dependent_start();
   const int warp = static_cast<int>((blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x) >> 5);
   const int lane = threadIdx.x & 31;
   if (warp >= tokens * r) return;
@@ -62,6 +72,7 @@ __global__ void __launch_bounds__(256) lora_t_rows_kernel(const T* __restrict__ 
                                                           const T* __restrict__ a, std::int64_t lda, std::int64_t in,
                                                           int r, float scale, float* __restrict__ t_out) {
   constexpr int kMaxR = 16;
+  let_dependent_start();
   __shared__ float part[8][kMaxR];
   const std::int64_t tok = blockIdx.x;
   float acc[kMaxR];

@@ -3,6 +3,8 @@
 // and a generic one-thread-per-element kernel for everything else. Both compute every element as
 // the CPU's SIMD targets do (rank_update.cpp): acc = W, acc = fma(float(alpha * double(U(i, k))),
 // V(j, k), acc) for k in order, one rounding into storage.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -283,11 +285,150 @@ __global__ void __launch_bounds__(kThreads, 2) rank_update_rows(TW* __restrict__
   }
 }
 
+// Nearest-even rounding of two floats into one word of 16-bit storage by the hardware conversion
+// (cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32 on sm_80+: one instruction for two elements instead of
+// about seven integer operations each). It rounds finite values, infinities and subnormals as
+// bf16_nearest / f16_nearest do, but gives NaNs the canonical NaN: a pair whose sum is NaN (a
+// NaN, or infinities of both signs) takes the integer code instead, which is exact for any input.
+__device__ __forceinline__ std::uint32_t pack2_hw(Bf16s, float lo, float hi) {
+  const float sum = lo + hi;
+  if (sum != sum) {
+    return static_cast<std::uint32_t>(bf16_nearest(lo)) | (static_cast<std::uint32_t>(bf16_nearest(hi)) << 16);
+  }
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return static_cast<std::uint32_t>(__bfloat16_as_ushort(h.x)) |
+         (static_cast<std::uint32_t>(__bfloat16_as_ushort(h.y)) << 16);
+}
+__device__ __forceinline__ std::uint32_t pack2_hw(F16s, float lo, float hi) {
+  const float sum = lo + hi;
+  if (sum != sum) {
+    return static_cast<std::uint32_t>(f16_nearest(lo)) | (static_cast<std::uint32_t>(f16_nearest(hi)) << 16);
+  }
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return static_cast<std::uint32_t>(__half_as_ushort(h.x)) | (static_cast<std::uint32_t>(__half_as_ushort(h.y)) << 16);
+}
+
+// pack() with the hardware conversion for 16-bit storage (same bits).
+template <class TW, int VEC>
+__device__ __forceinline__ typename Vec<TW, VEC>::Load pack_hw(const float (&v)[VEC]) {
+  if constexpr (sizeof(TW) == 4) {
+    return pack<TW, VEC>(v);
+  } else {
+    std::uint32_t w[Vec<TW, VEC>::words];
+#pragma unroll
+    for (int q = 0; q < VEC / 2; ++q) w[q] = pack2_hw(TW{}, v[2 * q], v[2 * q + 1]);
+    typename Vec<TW, VEC>::Load out;
+    if constexpr (Vec<TW, VEC>::words == 4) {
+      out.x = w[0], out.y = w[1], out.z = w[2], out.w = w[3];
+    } else {
+      out.x = w[0], out.y = w[1];
+    }
+    return out;
+  }
+}
+
+// Variant with software-pipelined loads (DeviceRankUpdateOptions::pipelined). Each block owns one
+// contiguous range of rows; the loads of the next UNROLL rows are issued into a second register
+// buffer before the current UNROLL rows are widened, updated and stored, so a thread always has a
+// batch of loads in flight, also across the 64-row chunks of alpha U. Same arithmetic, same bits;
+// full 16-bit vectors are rounded by the hardware conversion (pack_hw). Nearest-even only.
+template <class TW, int VEC, int UNROLL>
+__device__ __forceinline__ void issue_rows(typename Vec<TW, VEC>::Load (&buf)[UNROLL], const TW* __restrict__ w,
+                                           const Params& p, std::int64_t j, bool full, std::int64_t i,
+                                           std::int64_t end) {
+  if (!full) return;
+#pragma unroll
+  for (int q = 0; q < UNROLL; ++q)
+    if (i + q < end) buf[q] = *reinterpret_cast<const typename Vec<TW, VEC>::Load*>(w + (i + q) * p.w_rs + j);
+}
+
+// Rows i0 + ii + q (q < UNROLL, below `end`) of the chunk starting at row i0; `au` holds the
+// chunk's alpha U, `buf` the rows' loads (when `full`).
+template <class TW, int VEC, int RMAX, int UNROLL>
+__device__ __forceinline__ void update_rows(const typename Vec<TW, VEC>::Load (&buf)[UNROLL], TW* __restrict__ w,
+                                            const Params& p, const float (&vr)[VEC][RMAX],
+                                            const float (*au)[RMAX], std::int64_t j, bool full, std::int64_t i0,
+                                            int ii, std::int64_t end) {
+  if (j >= p.n) return;
+#pragma unroll
+  for (int q = 0; q < UNROLL; ++q) {
+    const std::int64_t i = i0 + ii + q;
+    if (i >= end) continue;
+    TW* row = w + i * p.w_rs;
+    float acc[VEC];
+    if (full) {
+      unpack<TW, VEC>(buf[q], acc);
+    } else {
+#pragma unroll
+      for (int c = 0; c < VEC; ++c) acc[c] = j + c < p.n ? to_f32(row[j + c]) : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < RMAX; ++k) {
+      if (k < p.r) {
+        const float a = au[ii + q][k];
+#pragma unroll
+        for (int c = 0; c < VEC; ++c) acc[c] = __fmaf_rn(a, vr[c][k], acc[c]);
+      }
+    }
+    if (full) {
+      *reinterpret_cast<typename Vec<TW, VEC>::Load*>(row + j) = pack_hw<TW, VEC>(acc);
+    } else {
+#pragma unroll
+      for (int c = 0; c < VEC; ++c)
+        if (j + c < p.n) store(row[j + c], acc[c], false, 0u);
+    }
+  }
+}
+
+template <class TW, int VEC, int RMAX, int UNROLL>
+__global__ void __launch_bounds__(kThreads, 2) rank_update_pipelined(TW* __restrict__ w, const float* __restrict__ u,
+                                                                     const float* __restrict__ v, Params p,
+                                                                     std::int64_t rows_per_block) {
+  static_assert(kRowsPerBlock % (2 * UNROLL) == 0, "a chunk holds whole pairs of batches");
+  using Load = typename Vec<TW, VEC>::Load;
+  __shared__ float au[kRowsPerBlock][RMAX];
+  const int r = p.r;
+  const std::int64_t j = (static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
+  float vr[VEC][RMAX];
+#pragma unroll
+  for (int c = 0; c < VEC; ++c)
+#pragma unroll
+    for (int k = 0; k < RMAX; ++k)
+      vr[c][k] = (k < r && j + c < p.n)
+                     ? static_cast<float>(p.alpha_v * static_cast<double>(v[(j + c) * p.v_rs + k * p.v_cs]))
+                     : 0.0f;
+  const bool full = j + VEC <= p.n;
+  const std::int64_t begin = static_cast<std::int64_t>(blockIdx.y) * rows_per_block;
+  const std::int64_t end = p.m - begin < rows_per_block ? p.m : begin + rows_per_block;
+  Load buf0[UNROLL], buf1[UNROLL];
+  issue_rows<TW, VEC, UNROLL>(buf0, w, p, j, full, begin, end);
+  for (std::int64_t i0 = begin; i0 < end; i0 += kRowsPerBlock) {
+    const int rows = static_cast<int>(end - i0 < kRowsPerBlock ? end - i0 : kRowsPerBlock);
+    __syncthreads();  // the previous chunk's reads of au are done
+    for (int e = threadIdx.x; e < rows * r; e += kThreads) {
+      const int ii = e / r, k = e % r;
+      au[ii][k] = static_cast<float>(p.alpha_u * static_cast<double>(u[(i0 + ii) * p.u_rs + k * p.u_cs]));
+    }
+    __syncthreads();
+    // buf0 holds rows i0 + ii.. on entry of every iteration (a chunk is an even number of batches;
+    // the last issue of a chunk is the next chunk's first batch).
+    for (int ii = 0; ii < rows; ii += 2 * UNROLL) {
+      issue_rows<TW, VEC, UNROLL>(buf1, w, p, j, full, i0 + ii + UNROLL, end);
+      update_rows<TW, VEC, RMAX, UNROLL>(buf0, w, p, vr, au, j, full, i0, ii, end);
+      issue_rows<TW, VEC, UNROLL>(buf0, w, p, j, full, i0 + ii + 2 * UNROLL, end);
+      update_rows<TW, VEC, RMAX, UNROLL>(buf1, w, p, vr, au, j, full, i0, ii + UNROLL, end);
+    }
+  }
+}
+
 template <class TW, int RMAX>
-cudaError_t launch_rows(TW* w, const float* u, const float* v, const Params& p, cudaStream_t stream) {
+cudaError_t launch_rows(TW* w, const float* u, const float* v, const Params& p, bool pipelined, cudaStream_t stream) {
   // 16-byte accesses except for 16-bit storage at rank > 2 (8 bytes: V's registers are VEC x RMAX).
   constexpr int VEC = sizeof(TW) == 2 && RMAX <= 2 ? 8 : 4;
   constexpr int UNROLL = RMAX > 4 ? (sizeof(TW) == 2 ? 8 : 4) : VEC * sizeof(TW) == 16 ? 8 : 16;
+  // The pipelined kernel holds two batches of loads: 16-bit storage at rank > 4 takes batches of 4
+  // rows (8 spilled at 128 registers; ptxas, sm_90).
+  constexpr int PIPE_UNROLL = RMAX > 4 && sizeof(TW) == 2 ? 4 : UNROLL;
   const std::int64_t col_blocks = (p.n + static_cast<std::int64_t>(kThreads) * VEC - 1) / (kThreads * VEC);
   const std::int64_t chunks = (p.m + kRowsPerBlock - 1) / kRowsPerBlock;
   if (col_blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
@@ -303,6 +444,16 @@ cudaError_t launch_rows(TW* w, const float* u, const float* v, const Params& p, 
   row_blocks = row_blocks < chunks ? row_blocks : chunks;
   const std::int64_t per_block = (chunks + row_blocks - 1) / row_blocks;
   row_blocks = (chunks + per_block - 1) / per_block;
+  if (pipelined && !p.stochastic) {
+    // Contiguous row ranges of whole chunks, at most 65535 of them. (Stochastic rounding stays on
+    // rank_update_rows: it is not bandwidth-bound, and every instantiation costs build time.)
+    const std::int64_t chunks_per_block = per_block > (chunks + 65534) / 65535 ? per_block : (chunks + 65534) / 65535;
+    const std::int64_t rows_per_block = chunks_per_block * kRowsPerBlock;
+    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>((chunks + chunks_per_block - 1) /
+                                                                             chunks_per_block));
+    rank_update_pipelined<TW, VEC, RMAX, PIPE_UNROLL><<<grid, kThreads, 0, stream>>>(w, u, v, p, rows_per_block);
+    return cudaGetLastError();
+  }
   row_blocks = row_blocks < 65535 ? row_blocks : 65535;
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(row_blocks));
   if (p.stochastic) {
@@ -316,18 +467,18 @@ cudaError_t launch_rows(TW* w, const float* u, const float* v, const Params& p, 
 }
 
 template <class TW>
-cudaError_t dispatch(TW* w, const float* u, const float* v, const Params& p, cudaStream_t stream) {
+cudaError_t dispatch(TW* w, const float* u, const float* v, const Params& p, bool pipelined, cudaStream_t stream) {
   // The fast kernels need rows aligned to their access width (16 bytes; 8 for 16-bit storage at
   // rank > 2).
   const int vec = sizeof(TW) == 2 && p.r <= 2 ? 8 : 4;
   const bool aligned = p.w_cs == 1 && p.w_rs % vec == 0 &&
                        reinterpret_cast<std::uintptr_t>(w) % (vec * sizeof(TW)) == 0;
   if (aligned && p.r <= 16) {
-    if (p.r == 1) return launch_rows<TW, 1>(w, u, v, p, stream);
-    if (p.r <= 2) return launch_rows<TW, 2>(w, u, v, p, stream);
-    if (p.r <= 4) return launch_rows<TW, 4>(w, u, v, p, stream);
-    if (p.r <= 8) return launch_rows<TW, 8>(w, u, v, p, stream);
-    return launch_rows<TW, 16>(w, u, v, p, stream);
+    if (p.r == 1) return launch_rows<TW, 1>(w, u, v, p, pipelined, stream);
+    if (p.r <= 2) return launch_rows<TW, 2>(w, u, v, p, pipelined, stream);
+    if (p.r <= 4) return launch_rows<TW, 4>(w, u, v, p, pipelined, stream);
+    if (p.r <= 8) return launch_rows<TW, 8>(w, u, v, p, pipelined, stream);
+    return launch_rows<TW, 16>(w, u, v, p, pipelined, stream);
   }
   const std::int64_t total = p.m * p.n;
   std::int64_t blocks = (total + 255) / 256;
@@ -343,9 +494,9 @@ int launch_rank_update(const RankUpdateLaunch& l, cudaStream_t stream) {
                  l.v_rs,    l.v_cs,    static_cast<int>(l.r), l.alpha_u, l.alpha_v, l.stochastic,
                  l.transposed, l.seed, l.stream_id, l.index_row0, l.index_col0, l.index_cols};
   switch (l.dtype) {
-    case Dtype::f32: return dispatch(static_cast<float*>(l.w), l.u, l.v, p, stream);
-    case Dtype::bf16: return dispatch(static_cast<Bf16s*>(l.w), l.u, l.v, p, stream);
-    case Dtype::f16: return dispatch(static_cast<F16s*>(l.w), l.u, l.v, p, stream);
+    case Dtype::f32: return dispatch(static_cast<float*>(l.w), l.u, l.v, p, l.pipelined, stream);
+    case Dtype::bf16: return dispatch(static_cast<Bf16s*>(l.w), l.u, l.v, p, l.pipelined, stream);
+    case Dtype::f16: return dispatch(static_cast<F16s*>(l.w), l.u, l.v, p, l.pipelined, stream);
   }
   return cudaErrorInvalidValue;
 }

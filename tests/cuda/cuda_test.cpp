@@ -96,7 +96,7 @@ struct RankCase {
 };
 
 template <class TW>
-void run_rank_update_case(const RankCase& c, lowrank::Rounding rounding, std::uint64_t seed) {
+void run_rank_update_case(const RankCase& c, lowrank::Rounding rounding, std::uint64_t seed, bool pipelined) {
   std::mt19937_64 rng(seed);
   const std::int64_t ld = (c.col_major ? c.m : c.n) + c.pad;
   const std::int64_t outer = c.col_major ? c.n : c.m;
@@ -129,7 +129,8 @@ void run_rank_update_case(const RankCase& c, lowrank::Rounding rounding, std::ui
   const DeviceMatrix<TW> wd = c.col_major ? lowrank::cuda::device_col_major(w.p + c.offset, c.m, c.n, ld)
                                           : lowrank::cuda::device_row_major(w.p + c.offset, c.m, c.n, ld);
   lowrank::cuda::rank_update<TW>(wd, lowrank::cuda::device_row_major<const float>(u.p, c.m, c.r),
-                                 lowrank::cuda::device_row_major<const float>(v.p, c.n, c.r), alpha, options);
+                                 lowrank::cuda::device_row_major<const float>(v.p, c.n, c.r), alpha, options,
+                                 nullptr, lowrank::cuda::DeviceRankUpdateOptions{pipelined});
   check(cudaDeviceSynchronize(), "rank_update");
   const std::vector<TW> got = w.download();
   const bool exact = lowrank::active_target() != lowrank::Target::scalar;
@@ -140,7 +141,8 @@ void run_rank_update_case(const RankCase& c, lowrank::Rounding rounding, std::ui
                             : std::abs(a - b) <= 1e-5f * (1 + std::abs(b)) + (sizeof(TW) == 2 ? 0.01f * std::abs(b) : 0);
     if (!same && ++mismatches <= 5) {
       ADD_FAILURE() << "element " << e << ": GPU " << a << " CPU " << b << " (m=" << c.m << " n=" << c.n
-                    << " r=" << c.r << (c.col_major ? " col-major" : " row-major") << ")";
+                    << " r=" << c.r << (c.col_major ? " col-major" : " row-major")
+                    << (pipelined ? ", pipelined kernel" : "") << ")";
     }
   }
   EXPECT_EQ(mismatches, 0u);
@@ -154,30 +156,95 @@ const RankCase kRankCases[] = {
     {100, 1000, 1, false, 0, 0},  {67, 2056, 2, false, 8, 0},  {130, 520, 16, false, 0, 0},
     {64, 4096, 8, false, 0, 0},   {300, 2048, 3, false, 0, 0}, {66, 1032, 1, false, 16, 0},
     {40, 264, 2, true, 0, 0},
+    // Tall and narrow: more than one 64-row chunk per block (the pipelined kernel carries a batch
+    // of loads across chunks), a partial last chunk, a partial column strip (n = 26).
+    {38437, 26, 16, false, 2, 0}, {38437, 40, 1, false, 8, 0},
 };
 
 TEST(CudaRankUpdate, Fp32MatchesCpu) {
   REQUIRE_GPU();
   std::uint64_t seed = 1;
-  for (const RankCase& c : kRankCases) run_rank_update_case<float>(c, lowrank::Rounding::nearest_even, seed++);
+  for (const bool pipelined : {false, true})
+    for (const RankCase& c : kRankCases)
+      run_rank_update_case<float>(c, lowrank::Rounding::nearest_even, seed++, pipelined);
 }
 
 TEST(CudaRankUpdate, Bf16MatchesCpuNearestAndStochastic) {
   REQUIRE_GPU();
   std::uint64_t seed = 100;
-  for (const RankCase& c : kRankCases) {
-    run_rank_update_case<bf16>(c, lowrank::Rounding::nearest_even, seed++);
-    run_rank_update_case<bf16>(c, lowrank::Rounding::stochastic, seed++);
-  }
+  for (const bool pipelined : {false, true})
+    for (const RankCase& c : kRankCases) {
+      run_rank_update_case<bf16>(c, lowrank::Rounding::nearest_even, seed++, pipelined);
+      run_rank_update_case<bf16>(c, lowrank::Rounding::stochastic, seed++, pipelined);
+    }
 }
 
 TEST(CudaRankUpdate, Fp16MatchesCpuNearestAndStochastic) {
   REQUIRE_GPU();
   std::uint64_t seed = 200;
-  for (const RankCase& c : kRankCases) {
-    run_rank_update_case<f16>(c, lowrank::Rounding::nearest_even, seed++);
-    run_rank_update_case<f16>(c, lowrank::Rounding::stochastic, seed++);
+  for (const bool pipelined : {false, true})
+    for (const RankCase& c : kRankCases) {
+      run_rank_update_case<f16>(c, lowrank::Rounding::nearest_even, seed++, pipelined);
+      run_rank_update_case<f16>(c, lowrank::Rounding::stochastic, seed++, pipelined);
+    }
+}
+
+// W filled with random bit patterns (every exponent: subnormals, infinities, NaNs of both signs),
+// small and large products (overflow to infinity): both kernels, every storage type, equal to
+// the CPU bit for bit except that a NaN only has to stay a NaN (the device's FMA returns the
+// canonical NaN, the CPU's keeps the payload).
+template <class TW>
+void run_special_values(bool pipelined, std::int64_t r, float scale, std::uint64_t seed) {
+  const std::int64_t m = 70, n = 1024;
+  std::mt19937_64 rng(seed);
+  std::vector<TW> w_host(static_cast<std::size_t>(m * n));
+  for (auto& x : w_host) {
+    if constexpr (sizeof(TW) == 4) {
+      x = std::bit_cast<float>(static_cast<std::uint32_t>(rng()));
+    } else {
+      x = std::bit_cast<TW>(static_cast<std::uint16_t>(rng()));
+    }
   }
+  const std::vector<float> u_host = random_vector<float>(static_cast<std::size_t>(m * r), rng, scale);
+  const std::vector<float> v_host = random_vector<float>(static_cast<std::size_t>(n * r), rng, scale);
+  std::vector<TW> expect = w_host;
+  lowrank::rank_update(lowrank::row_major(expect.data(), m, n), lowrank::row_major<const float>(u_host.data(), m, r),
+                       lowrank::row_major<const float>(v_host.data(), n, r), 0.37);
+  Buffer<TW> w(w_host.size());
+  Buffer<float> u(u_host.size()), v(v_host.size());
+  w.upload(w_host);
+  u.upload(u_host);
+  v.upload(v_host);
+  lowrank::cuda::rank_update<TW>(lowrank::cuda::device_row_major(w.p, m, n),
+                                 lowrank::cuda::device_row_major<const float>(u.p, m, r),
+                                 lowrank::cuda::device_row_major<const float>(v.p, n, r), 0.37, {}, nullptr,
+                                 lowrank::cuda::DeviceRankUpdateOptions{pipelined});
+  check(cudaDeviceSynchronize(), "rank_update");
+  const std::vector<TW> got = w.download();
+  std::size_t mismatches = 0;
+  for (std::size_t e = 0; e < got.size(); ++e) {
+    const float a = static_cast<float>(got[e]), b = static_cast<float>(expect[e]);
+    const bool same = (a != a && b != b) || bits_of(got[e]) == bits_of(expect[e]);
+    if (!same && ++mismatches <= 5) {
+      ADD_FAILURE() << "element " << e << ": W was bits 0x" << std::hex << bits_of(w_host[e]) << ", GPU 0x"
+                    << bits_of(got[e]) << ", CPU 0x" << bits_of(expect[e]) << std::dec << " (r=" << r
+                    << ", scale " << scale << (pipelined ? ", pipelined kernel" : "") << ")";
+    }
+  }
+  EXPECT_EQ(mismatches, 0u);
+}
+
+TEST(CudaRankUpdate, SpecialValuesInWRoundAsOnTheCpu) {
+  REQUIRE_GPU();
+  if (lowrank::active_target() == lowrank::Target::scalar) GTEST_SKIP() << "the CPU reference needs an FMA target";
+  std::uint64_t seed = 300;
+  for (const bool pipelined : {false, true})
+    for (const std::int64_t r : {1, 16})
+      for (const float scale : {1e-3f, 1e19f}) {
+        run_special_values<float>(pipelined, r, scale, seed++);
+        run_special_values<bf16>(pipelined, r, scale, seed++);
+        run_special_values<f16>(pipelined, r, scale, seed++);
+      }
 }
 
 TEST(CudaRankUpdate, BadArgumentsThrowWithoutTouchingW) {
@@ -324,6 +391,11 @@ TEST(CudaLoraForward, Bf16MatchesCpu) {
   run_lora_case<bf16>(12, 1024, 129, 7, false, 20, one_pass(16));
   run_lora_case<bf16>(9, 2080, 33, 0, false, 21, one_pass(16));  // no adapter; 65 chunks
   run_lora_case<bf16>(1, 96, 77, 16, false, 22, term(512));
+  lowrank::cuda::DeviceLoraOptions fma = one_pass(4);
+  fma.bf16_one_pass_tensor_cores = false;
+  run_lora_case<bf16>(1, 4096, 333, 16, false, 23, fma);         // FMA one-pass kernel where mma could run
+  run_lora_case<bf16>(4, 512, 129, 16, false, 24, fma);
+  run_lora_case<bf16>(5, 512, 129, 16, false, 25, fma);          // above 4 tokens: cuBLAS
 }
 
 TEST(CudaLoraForward, BadArgumentsThrow) {

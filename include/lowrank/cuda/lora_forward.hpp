@@ -24,6 +24,9 @@ struct DeviceLoraOptions {
   /// (mma.sync, sm_80+) when `in` is a multiple of 32, else the FMA kernel (at most 4 tokens).
   /// Off by default: 1.9-2.1x the base GEMV on an H200 against 1.6-1.7x for the cuBLAS path.
   std::int64_t bf16_one_pass_max_tokens = 0;
+  /// bf16 one-pass kernel on tensor cores where it can run (see above); false takes the FMA
+  /// kernel (at most 4 tokens) instead.
+  bool bf16_one_pass_tensor_cores = true;
   /// Up to this many tokens (and above the one-pass kernels) the low-rank term `Y = s (X A^T) B^T`
   /// is one kernel (T in fp32) before cuBLAS adds X W^T. Off by default: slower than the three
   /// cuBLAS products on an H200 (2.8x against 1.6x the base GEMM at 256 tokens).
@@ -53,8 +56,8 @@ struct DeviceLoraOptions {
 /// layouts). Arithmetic, fp32 accumulation throughout:
 /// - one-pass kernels (see `DeviceLoraOptions`; they need unit column strides for X, W and Y,
 ///   16-byte aligned rows of X and W, `in` a multiple of 8 and r <= 64): `T = s X A^T` in fp32
-///   (a small kernel; on sm_90 the main kernel is its programmatic dependent launch and streams W
-///   meanwhile), then each output is one fp32 sum of the `in` products followed by the `r`
+///   (a small kernel; on sm_90 the main kernel is its programmatic dependent launch, started as
+///   soon as the small kernel is, and streams W meanwhile), then each output is one fp32 sum of the `in` products followed by the `r`
 ///   products `T(t, c) B(o, c)`, rounded once into Y;
 /// - the term kernel (`DeviceLoraOptions::term_max_tokens`; X and A row-major with 16-byte aligned
 ///   rows, `in` a multiple of 8, 1 <= r <= 16, Y row-major): `T = s X A^T` in fp32, `Y = T B^T`
