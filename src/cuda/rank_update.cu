@@ -186,105 +186,6 @@ __device__ __forceinline__ void unpack(const typename Vec<TW, VEC>::Load& in, fl
   }
 }
 
-template <class TW, int VEC>
-__device__ __forceinline__ typename Vec<TW, VEC>::Load pack(const float (&v)[VEC]) {
-  std::uint32_t w[Vec<TW, VEC>::words];
-  if constexpr (sizeof(TW) == 4) {
-#pragma unroll
-    for (int c = 0; c < VEC; ++c) w[c] = __float_as_uint(v[c]);
-  } else {
-#pragma unroll
-    for (int q = 0; q < VEC / 2; ++q) {
-      TW lo, hi;
-      store(lo, v[2 * q], false, 0u);
-      store(hi, v[2 * q + 1], false, 0u);
-      w[q] = static_cast<std::uint32_t>(lo.bits) | (static_cast<std::uint32_t>(hi.bits) << 16);
-    }
-  }
-  typename Vec<TW, VEC>::Load out;
-  if constexpr (Vec<TW, VEC>::words == 4) {
-    out.x = w[0], out.y = w[1], out.z = w[2], out.w = w[3];
-  } else {
-    out.x = w[0], out.y = w[1];
-  }
-  return out;
-}
-
-// Grid: x over column strips of kThreads * VEC columns, y over row chunks (each block loops over
-// chunks blockIdx.y, blockIdx.y + gridDim.y, ...): V is loaded into registers once per block and
-// reused for all its rows; alpha U of each chunk is staged in shared memory.
-template <class TW, int VEC, int RMAX, int UNROLL, bool SR>
-__global__ void __launch_bounds__(kThreads, 2) rank_update_rows(TW* __restrict__ w, const float* __restrict__ u,
-                                                                const float* __restrict__ v, Params p) {
-  using Load = typename Vec<TW, VEC>::Load;
-  __shared__ float au[kRowsPerBlock][RMAX];
-  const int r = p.r;
-  const std::int64_t j = (static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
-  float vr[VEC][RMAX];
-#pragma unroll
-  for (int c = 0; c < VEC; ++c)
-#pragma unroll
-    for (int k = 0; k < RMAX; ++k)
-      vr[c][k] = (k < r && j + c < p.n)
-                     ? static_cast<float>(p.alpha_v * static_cast<double>(v[(j + c) * p.v_rs + k * p.v_cs]))
-                     : 0.0f;
-  const bool full = j + VEC <= p.n;
-  const std::int64_t chunks = (p.m + kRowsPerBlock - 1) / kRowsPerBlock;
-  for (std::int64_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
-    const std::int64_t i0 = chunk * kRowsPerBlock;
-    const int rows = static_cast<int>(p.m - i0 < kRowsPerBlock ? p.m - i0 : kRowsPerBlock);
-    __syncthreads();  // the previous chunk's reads of au are done
-    for (int e = threadIdx.x; e < rows * r; e += kThreads) {
-      const int ii = e / r, k = e % r;
-      au[ii][k] = static_cast<float>(p.alpha_u * static_cast<double>(u[(i0 + ii) * p.u_rs + k * p.u_cs]));
-    }
-    __syncthreads();
-    if (j >= p.n) continue;
-    for (int ii = 0; ii < rows; ii += UNROLL) {
-      // All UNROLL rows' loads in flight first; then each row is widened, updated and stored.
-      Load raw[UNROLL];
-      if (full) {
-#pragma unroll
-        for (int q = 0; q < UNROLL; ++q)
-          if (ii + q < rows) raw[q] = *reinterpret_cast<const Load*>(w + (i0 + ii + q) * p.w_rs + j);
-      }
-#pragma unroll
-      for (int q = 0; q < UNROLL; ++q) {
-        if (ii + q >= rows) continue;
-        const std::int64_t i = i0 + ii + q;
-        TW* row = w + i * p.w_rs;
-        float acc[VEC];
-        if (full) {
-          unpack<TW, VEC>(raw[q], acc);
-        } else {
-#pragma unroll
-          for (int c = 0; c < VEC; ++c) acc[c] = j + c < p.n ? to_f32(row[j + c]) : 0.0f;
-        }
-#pragma unroll
-        for (int k = 0; k < RMAX; ++k) {
-          if (k < r) {
-            const float a = au[ii + q][k];
-#pragma unroll
-            for (int c = 0; c < VEC; ++c) acc[c] = __fmaf_rn(a, vr[c][k], acc[c]);
-          }
-        }
-        if constexpr (SR) {
-          RoundingBits bits = make_bits(p);
-#pragma unroll
-          for (int c = 0; c < VEC; ++c)
-            if (j + c < p.n) store(row[j + c], acc[c], true, bits(i, j + c));
-        } else if (full) {
-          *reinterpret_cast<Load*>(row + j) = pack<TW, VEC>(acc);
-        } else {
-#pragma unroll
-          for (int c = 0; c < VEC; ++c)
-            if (j + c < p.n) store(row[j + c], acc[c], false, 0u);
-        }
-      }
-    }
-  }
-}
-
 // Nearest-even rounding of two floats into one word of 16-bit storage by the hardware conversion
 // (cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32 on sm_80+: one instruction for two elements instead of
 // about seven integer operations each). It rounds finite values, infinities and subnormals as
@@ -308,52 +209,81 @@ __device__ __forceinline__ std::uint32_t pack2_hw(F16s, float lo, float hi) {
   return static_cast<std::uint32_t>(__half_as_ushort(h.x)) | (static_cast<std::uint32_t>(__half_as_ushort(h.y)) << 16);
 }
 
-// pack() with the hardware conversion for 16-bit storage (same bits).
-template <class TW, int VEC>
-__device__ __forceinline__ typename Vec<TW, VEC>::Load pack_hw(const float (&v)[VEC]) {
+// VEC floats rounded (nearest-even) into one load's worth of TW; HW: 16-bit storage by the
+// hardware conversion (pack2_hw), same bits.
+template <class TW, int VEC, bool HW = false>
+__device__ __forceinline__ typename Vec<TW, VEC>::Load pack(const float (&v)[VEC]) {
+  std::uint32_t w[Vec<TW, VEC>::words];
   if constexpr (sizeof(TW) == 4) {
-    return pack<TW, VEC>(v);
-  } else {
-    std::uint32_t w[Vec<TW, VEC>::words];
+#pragma unroll
+    for (int c = 0; c < VEC; ++c) w[c] = __float_as_uint(v[c]);
+  } else if constexpr (HW) {
 #pragma unroll
     for (int q = 0; q < VEC / 2; ++q) w[q] = pack2_hw(TW{}, v[2 * q], v[2 * q + 1]);
-    typename Vec<TW, VEC>::Load out;
-    if constexpr (Vec<TW, VEC>::words == 4) {
-      out.x = w[0], out.y = w[1], out.z = w[2], out.w = w[3];
-    } else {
-      out.x = w[0], out.y = w[1];
+  } else {
+#pragma unroll
+    for (int q = 0; q < VEC / 2; ++q) {
+      TW lo, hi;
+      store(lo, v[2 * q], false, 0u);
+      store(hi, v[2 * q + 1], false, 0u);
+      w[q] = static_cast<std::uint32_t>(lo.bits) | (static_cast<std::uint32_t>(hi.bits) << 16);
     }
-    return out;
+  }
+  typename Vec<TW, VEC>::Load out;
+  if constexpr (Vec<TW, VEC>::words == 4) {
+    out.x = w[0], out.y = w[1], out.z = w[2], out.w = w[3];
+  } else {
+    out.x = w[0], out.y = w[1];
+  }
+  return out;
+}
+
+// V's rows for this thread's columns j.., scaled by alpha_v, in registers (zero past n and r).
+template <int VEC, int RMAX>
+__device__ __forceinline__ void load_v(float (&vr)[VEC][RMAX], const float* __restrict__ v, const Params& p,
+                                       std::int64_t j) {
+#pragma unroll
+  for (int c = 0; c < VEC; ++c)
+#pragma unroll
+    for (int k = 0; k < RMAX; ++k)
+      vr[c][k] = (k < p.r && j + c < p.n)
+                     ? static_cast<float>(p.alpha_v * static_cast<double>(v[(j + c) * p.v_rs + k * p.v_cs]))
+                     : 0.0f;
+}
+
+// alpha U of rows i0 .. i0 + rows - 1 into shared memory (all threads of the block).
+template <int RMAX>
+__device__ __forceinline__ void stage_u(float (*au)[RMAX], const float* __restrict__ u, const Params& p,
+                                        std::int64_t i0, int rows) {
+  for (int e = threadIdx.x; e < rows * p.r; e += kThreads) {
+    const int ii = e / p.r, k = e % p.r;
+    au[ii][k] = static_cast<float>(p.alpha_u * static_cast<double>(u[(i0 + ii) * p.u_rs + k * p.u_cs]));
   }
 }
 
-// Variant with software-pipelined loads (DeviceRankUpdateOptions::pipelined). Each block owns one
-// contiguous range of rows; the loads of the next UNROLL rows are issued into a second register
-// buffer before the current UNROLL rows are widened, updated and stored, so a thread always has a
-// batch of loads in flight, also across the 64-row chunks of alpha U. Same arithmetic, same bits;
-// full 16-bit vectors are rounded by the hardware conversion (pack_hw). Nearest-even only.
+// Issues the loads of rows i .. i + min(count, UNROLL) - 1 at columns j.. into `buf`.
 template <class TW, int VEC, int UNROLL>
 __device__ __forceinline__ void issue_rows(typename Vec<TW, VEC>::Load (&buf)[UNROLL], const TW* __restrict__ w,
-                                           const Params& p, std::int64_t j, bool full, std::int64_t i,
-                                           std::int64_t end) {
+                                           const Params& p, std::int64_t j, bool full, std::int64_t i, int count) {
   if (!full) return;
 #pragma unroll
   for (int q = 0; q < UNROLL; ++q)
-    if (i + q < end) buf[q] = *reinterpret_cast<const typename Vec<TW, VEC>::Load*>(w + (i + q) * p.w_rs + j);
+    if (q < count) buf[q] = *reinterpret_cast<const typename Vec<TW, VEC>::Load*>(w + (i + q) * p.w_rs + j);
 }
 
-// Rows i0 + ii + q (q < UNROLL, below `end`) of the chunk starting at row i0; `au` holds the
-// chunk's alpha U, `buf` the rows' loads (when `full`).
-template <class TW, int VEC, int RMAX, int UNROLL>
+// Updates rows i0 + ii + q (q < UNROLL, ii + q < rows) of the chunk starting at row i0: `au` holds
+// the chunk's alpha U, `buf` the rows' loads (when `full`). SR: stochastic rounding; HW: full
+// 16-bit vectors rounded by the hardware conversion (pack2_hw).
+template <class TW, int VEC, int RMAX, int UNROLL, bool SR, bool HW>
 __device__ __forceinline__ void update_rows(const typename Vec<TW, VEC>::Load (&buf)[UNROLL], TW* __restrict__ w,
                                             const Params& p, const float (&vr)[VEC][RMAX],
                                             const float (*au)[RMAX], std::int64_t j, bool full, std::int64_t i0,
-                                            int ii, std::int64_t end) {
+                                            int ii, int rows) {
   if (j >= p.n) return;
 #pragma unroll
   for (int q = 0; q < UNROLL; ++q) {
+    if (ii + q >= rows) continue;
     const std::int64_t i = i0 + ii + q;
-    if (i >= end) continue;
     TW* row = w + i * p.w_rs;
     float acc[VEC];
     if (full) {
@@ -370,8 +300,13 @@ __device__ __forceinline__ void update_rows(const typename Vec<TW, VEC>::Load (&
         for (int c = 0; c < VEC; ++c) acc[c] = __fmaf_rn(a, vr[c][k], acc[c]);
       }
     }
-    if (full) {
-      *reinterpret_cast<typename Vec<TW, VEC>::Load*>(row + j) = pack_hw<TW, VEC>(acc);
+    if constexpr (SR) {
+      RoundingBits bits = make_bits(p);
+#pragma unroll
+      for (int c = 0; c < VEC; ++c)
+        if (j + c < p.n) store(row[j + c], acc[c], true, bits(i, j + c));
+    } else if (full) {
+      *reinterpret_cast<typename Vec<TW, VEC>::Load*>(row + j) = pack<TW, VEC, HW>(acc);
     } else {
 #pragma unroll
       for (int c = 0; c < VEC; ++c)
@@ -380,6 +315,40 @@ __device__ __forceinline__ void update_rows(const typename Vec<TW, VEC>::Load (&
   }
 }
 
+// Grid: x over column strips of kThreads * VEC columns, y over row chunks (each block loops over
+// chunks blockIdx.y, blockIdx.y + gridDim.y, ...): V is loaded into registers once per block and
+// reused for all its rows; alpha U of each chunk is staged in shared memory.
+template <class TW, int VEC, int RMAX, int UNROLL, bool SR>
+__global__ void __launch_bounds__(kThreads, 2) rank_update_rows(TW* __restrict__ w, const float* __restrict__ u,
+                                                                const float* __restrict__ v, Params p) {
+  using Load = typename Vec<TW, VEC>::Load;
+  __shared__ float au[kRowsPerBlock][RMAX];
+  const std::int64_t j = (static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
+  float vr[VEC][RMAX];
+  load_v(vr, v, p, j);
+  const bool full = j + VEC <= p.n;
+  const std::int64_t chunks = (p.m + kRowsPerBlock - 1) / kRowsPerBlock;
+  for (std::int64_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
+    const std::int64_t i0 = chunk * kRowsPerBlock;
+    const int rows = static_cast<int>(p.m - i0 < kRowsPerBlock ? p.m - i0 : kRowsPerBlock);
+    __syncthreads();  // the previous chunk's reads of au are done
+    stage_u(au, u, p, i0, rows);
+    __syncthreads();
+    if (j >= p.n) continue;
+    for (int ii = 0; ii < rows; ii += UNROLL) {
+      // All UNROLL rows' loads in flight first; then each row is widened, updated and stored.
+      Load raw[UNROLL];
+      issue_rows<TW, VEC, UNROLL>(raw, w, p, j, full, i0 + ii, rows - ii);
+      update_rows<TW, VEC, RMAX, UNROLL, SR, false>(raw, w, p, vr, au, j, full, i0, ii, rows);
+    }
+  }
+}
+
+// Variant with software-pipelined loads (DeviceRankUpdateOptions::pipelined). Each block owns one
+// contiguous range of rows; the loads of the next UNROLL rows are issued into a second register
+// buffer before the current UNROLL rows are widened, updated and stored, so a thread always has a
+// batch of loads in flight, also across the 64-row chunks of alpha U. Same arithmetic, same bits;
+// full 16-bit vectors are rounded by the hardware conversion (pack2_hw). Nearest-even only.
 template <class TW, int VEC, int RMAX, int UNROLL>
 __global__ void __launch_bounds__(kThreads, 2) rank_update_pipelined(TW* __restrict__ w, const float* __restrict__ u,
                                                                      const float* __restrict__ v, Params p,
@@ -387,36 +356,28 @@ __global__ void __launch_bounds__(kThreads, 2) rank_update_pipelined(TW* __restr
   static_assert(kRowsPerBlock % (2 * UNROLL) == 0, "a chunk holds whole pairs of batches");
   using Load = typename Vec<TW, VEC>::Load;
   __shared__ float au[kRowsPerBlock][RMAX];
-  const int r = p.r;
   const std::int64_t j = (static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
   float vr[VEC][RMAX];
-#pragma unroll
-  for (int c = 0; c < VEC; ++c)
-#pragma unroll
-    for (int k = 0; k < RMAX; ++k)
-      vr[c][k] = (k < r && j + c < p.n)
-                     ? static_cast<float>(p.alpha_v * static_cast<double>(v[(j + c) * p.v_rs + k * p.v_cs]))
-                     : 0.0f;
+  load_v(vr, v, p, j);
   const bool full = j + VEC <= p.n;
   const std::int64_t begin = static_cast<std::int64_t>(blockIdx.y) * rows_per_block;
   const std::int64_t end = p.m - begin < rows_per_block ? p.m : begin + rows_per_block;
+  // Rows from i on that this block may load (at most UNROLL matter).
+  const auto left = [end](std::int64_t i) { return end - i < UNROLL ? static_cast<int>(end - i) : UNROLL; };
   Load buf0[UNROLL], buf1[UNROLL];
-  issue_rows<TW, VEC, UNROLL>(buf0, w, p, j, full, begin, end);
+  issue_rows<TW, VEC, UNROLL>(buf0, w, p, j, full, begin, left(begin));
   for (std::int64_t i0 = begin; i0 < end; i0 += kRowsPerBlock) {
     const int rows = static_cast<int>(end - i0 < kRowsPerBlock ? end - i0 : kRowsPerBlock);
     __syncthreads();  // the previous chunk's reads of au are done
-    for (int e = threadIdx.x; e < rows * r; e += kThreads) {
-      const int ii = e / r, k = e % r;
-      au[ii][k] = static_cast<float>(p.alpha_u * static_cast<double>(u[(i0 + ii) * p.u_rs + k * p.u_cs]));
-    }
+    stage_u(au, u, p, i0, rows);
     __syncthreads();
     // buf0 holds rows i0 + ii.. on entry of every iteration (a chunk is an even number of batches;
     // the last issue of a chunk is the next chunk's first batch).
     for (int ii = 0; ii < rows; ii += 2 * UNROLL) {
-      issue_rows<TW, VEC, UNROLL>(buf1, w, p, j, full, i0 + ii + UNROLL, end);
-      update_rows<TW, VEC, RMAX, UNROLL>(buf0, w, p, vr, au, j, full, i0, ii, end);
-      issue_rows<TW, VEC, UNROLL>(buf0, w, p, j, full, i0 + ii + 2 * UNROLL, end);
-      update_rows<TW, VEC, RMAX, UNROLL>(buf1, w, p, vr, au, j, full, i0, ii + UNROLL, end);
+      issue_rows<TW, VEC, UNROLL>(buf1, w, p, j, full, i0 + ii + UNROLL, left(i0 + ii + UNROLL));
+      update_rows<TW, VEC, RMAX, UNROLL, false, true>(buf0, w, p, vr, au, j, full, i0, ii, rows);
+      issue_rows<TW, VEC, UNROLL>(buf0, w, p, j, full, i0 + ii + 2 * UNROLL, left(i0 + ii + 2 * UNROLL));
+      update_rows<TW, VEC, RMAX, UNROLL, false, true>(buf1, w, p, vr, au, j, full, i0, ii + UNROLL, rows);
     }
   }
 }
