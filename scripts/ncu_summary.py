@@ -5,7 +5,8 @@ usage: ncu_summary.py NCU_TEXT_REPORT
 
 Reads the default (non-CSV) output of `ncu --section ...` and prints, for every kernel launch,
 the figures that say what bounds it: duration, DRAM and SM throughput (% of peak), achieved and
-theoretical occupancy, registers per thread, issue-slot use and the warp cycles per issued
+theoretical occupancy, registers per thread, the share of cycles in which a scheduler had an
+eligible warp (SchedulerStats' "One or More Eligible", i.e. issued) and the warp cycles per issued
 instruction. Metrics a report lacks are printed as '-'. The full report stays in the file.
 """
 import re
@@ -19,7 +20,7 @@ COLUMNS = [
     ("occ%", "Achieved Occupancy"),
     ("th.occ%", "Theoretical Occupancy"),
     ("regs", "Registers Per Thread"),
-    ("issue%", "Issue Slots Busy"),
+    ("issue%", "One or More Eligible"),
     ("cyc/inst", "Warp Cycles Per Issued Instruction"),
 ]
 HEADER = re.compile(r"^\s*(?:void\s+)?(?P<name>\S.*?)\s+\((?P<grid>\d+, \d+, \d+)\)x\((?P<block>\d+, \d+, \d+)\)"
@@ -44,7 +45,7 @@ def short(name):
     base = name[:cut]
     head, sep, args = base.partition("<")
     head = head.split("::")[-1]
-    args = re.sub(r"lowrank::[A-Za-z_:()]*::", "", args)
+    args = re.sub(r"lowrank::[A-Za-z0-9_:()]*::", "", args)
     return head + sep + args
 
 

@@ -36,6 +36,10 @@ struct RankUpdateLaunch {
 };
 // Returns a cudaError_t value (0 on success).
 int launch_rank_update(const RankUpdateLaunch& p, cudaStream_t stream);
+// For the GPU tests: adds to counts[0] (bf16) and counts[1] (fp16), device memory, the number of
+// float bit patterns that the hardware conversion of the pipelined rank-update kernel rounds
+// differently from the integer code (rank_update.cu).
+int launch_rounding_self_check(unsigned long long* counts, cudaStream_t stream);
 
 struct EggrollTermLaunch {
   Dtype dtype;                   // f32 or bf16

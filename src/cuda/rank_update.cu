@@ -238,6 +238,15 @@ __device__ __forceinline__ typename Vec<TW, VEC>::Load pack(const float (&v)[VEC
   return out;
 }
 
+// One 16-byte (8-byte) global store, an ordinary weak one. A plain assignment through a uint4
+// pointer compiled to four 4-byte stores (nvcc 13.0, sm_90); __stwb gives a .STRONG.SM store.
+__device__ __forceinline__ void store_vec(uint4* p, const uint4& v) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+}
+__device__ __forceinline__ void store_vec(uint2* p, const uint2& v) {
+  asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(v.x), "r"(v.y));
+}
+
 // V's rows for this thread's columns j.., scaled by alpha_v, in registers (zero past n and r).
 template <int VEC, int RMAX>
 __device__ __forceinline__ void load_v(float (&vr)[VEC][RMAX], const float* __restrict__ v, const Params& p,
@@ -306,7 +315,7 @@ __device__ __forceinline__ void update_rows(const typename Vec<TW, VEC>::Load (&
       for (int c = 0; c < VEC; ++c)
         if (j + c < p.n) store(row[j + c], acc[c], true, bits(i, j + c));
     } else if (full) {
-      *reinterpret_cast<typename Vec<TW, VEC>::Load*>(row + j) = pack<TW, VEC, HW>(acc);
+      store_vec(reinterpret_cast<typename Vec<TW, VEC>::Load*>(row + j), pack<TW, VEC, HW>(acc));
     } else {
 #pragma unroll
       for (int c = 0; c < VEC; ++c)
@@ -448,7 +457,31 @@ cudaError_t dispatch(TW* w, const float* u, const float* v, const Params& p, boo
   return cudaGetLastError();
 }
 
+// pack2_hw against the integer rounding for every float bit pattern x in the low half, paired
+// with the pattern x * 2654435761 (mod 2^32, also every pattern) in the high half:
+// counts[0] += bf16 words that differ, counts[1] += fp16 words that differ.
+__global__ void hw_rounding_check(unsigned long long* counts) {
+  unsigned long long bad_bf16 = 0, bad_f16 = 0;
+  const std::uint64_t step = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
+  for (std::uint64_t e = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < (1ull << 32);
+       e += step) {
+    const float x = __uint_as_float(static_cast<std::uint32_t>(e));
+    const float y = __uint_as_float(static_cast<std::uint32_t>(e) * 2654435761u);
+    const std::uint32_t bf16 = bf16_nearest(x) | (static_cast<std::uint32_t>(bf16_nearest(y)) << 16);
+    const std::uint32_t f16 = f16_nearest(x) | (static_cast<std::uint32_t>(f16_nearest(y)) << 16);
+    bad_bf16 += pack2_hw(Bf16s{}, x, y) != bf16;
+    bad_f16 += pack2_hw(F16s{}, x, y) != f16;
+  }
+  if (bad_bf16 != 0) atomicAdd(&counts[0], bad_bf16);
+  if (bad_f16 != 0) atomicAdd(&counts[1], bad_f16);
+}
+
 }  // namespace
+
+int launch_rounding_self_check(unsigned long long* counts, cudaStream_t stream) {
+  hw_rounding_check<<<2048, 256, 0, stream>>>(counts);
+  return cudaGetLastError();
+}
 
 int launch_rank_update(const RankUpdateLaunch& l, cudaStream_t stream) {
   const Params p{l.m,       l.n,       l.w_rs,       l.w_cs,       l.u_rs, l.u_cs,

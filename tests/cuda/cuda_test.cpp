@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "launch.hpp"  // src/cuda: the rounding self-check
 #include "lowrank/cuda/eggroll.hpp"
 #include "lowrank/cuda/lora_forward.hpp"
 #include "lowrank/cuda/projection.hpp"
@@ -159,6 +160,8 @@ const RankCase kRankCases[] = {
     // Tall and narrow: more than one 64-row chunk per block (the pipelined kernel carries a batch
     // of loads across chunks), a partial last chunk, a partial column strip (n = 26).
     {38437, 26, 16, false, 2, 0}, {38437, 40, 1, false, 8, 0},
+    // 16-bit storage at rank <= 2 takes 8-element vectors: n % 8 != 0 gives a partial last strip.
+    {70, 1030, 2, false, 2, 0},
 };
 
 TEST(CudaRankUpdate, Fp32MatchesCpu) {
@@ -245,6 +248,20 @@ TEST(CudaRankUpdate, SpecialValuesInWRoundAsOnTheCpu) {
         run_special_values<bf16>(pipelined, r, scale, seed++);
         run_special_values<f16>(pipelined, r, scale, seed++);
       }
+}
+
+// The pipelined kernel rounds 16-bit storage with the hardware conversion: the same bits as the
+// integer code (that the CPU uses too) for all 2^32 float bit patterns, in both halves of a word.
+TEST(CudaRankUpdate, HardwareRoundingIsTheIntegerRoundingForEveryFloat) {
+  REQUIRE_GPU();
+  Buffer<unsigned long long> counts(2);
+  counts.upload({0, 0});
+  check(static_cast<cudaError_t>(lowrank::cuda::detail::launch_rounding_self_check(counts.p, nullptr)),
+        "rounding self-check launch");
+  check(cudaDeviceSynchronize(), "rounding self-check");
+  const std::vector<unsigned long long> bad = counts.download();
+  EXPECT_EQ(bad[0], 0u) << "bf16 words that differ";
+  EXPECT_EQ(bad[1], 0u) << "fp16 words that differ";
 }
 
 TEST(CudaRankUpdate, BadArgumentsThrowWithoutTouchingW) {

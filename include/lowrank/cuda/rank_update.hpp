@@ -13,8 +13,9 @@ LOWRANK_BEGIN_NAMESPACE
 
 namespace cuda {
 
-/// Which kernel the device `rank_update` uses for row-major W with 16-byte aligned rows and rank
-/// <= 16 (every other case takes the generic kernel). Both give the same bits.
+/// Which kernel the device `rank_update` uses for row-major W with rows aligned to its access width
+/// (16 bytes; 8 for 16-bit storage at rank > 2) and rank <= 16 (every other case takes the generic
+/// kernel). Both give the same bits.
 struct DeviceRankUpdateOptions {
   /// Software-pipelined variant: the loads of the next rows are in flight while the current rows
   /// are updated (two register buffers per thread), and 16-bit storage is rounded by the
@@ -43,7 +44,8 @@ struct DeviceRankUpdateOptions {
 /// rounding into storage (nearest-even, or stochastic with the 32 bits
 /// `RandomStream(seed, stream).bits((index_row0 + i) * index_cols + index_col0 + j)`). So for
 /// fp32 factors the result is bitwise the CPU's on an FMA target (AVX2, AVX-512), except that a
-/// NaN is only a NaN (the device's FMA returns the canonical NaN, the CPU's keeps the payload).
+/// NaN is only a NaN (the device's FMA returns the canonical NaN, the CPU's passes on a NaN
+/// operand's payload).
 ///
 /// \throws Error (nothing enqueued, W unchanged) if shapes disagree, r == 0, alpha is not finite,
 /// a stride is not positive, a non-empty view has a null pointer or a pointer the CUDA runtime
