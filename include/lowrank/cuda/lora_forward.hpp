@@ -57,8 +57,8 @@ struct DeviceLoraOptions {
 /// - one-pass kernels (see `DeviceLoraOptions`; they need unit column strides for X, W and Y,
 ///   16-byte aligned rows of X and W, `in` a multiple of 8 and r <= 64): `T = s X A^T` in fp32
 ///   (a small kernel; on sm_90 the main kernel is its programmatic dependent launch, started as
-///   soon as the small kernel is, and streams W meanwhile), then each output is one fp32 sum of the `in` products followed by the `r`
-///   products `T(t, c) B(o, c)`, rounded once into Y;
+///   soon as the small kernel is, and streams W meanwhile), then each output is one fp32 sum of
+///   the `in` products followed by the `r` products `T(t, c) B(o, c)`, rounded once into Y;
 /// - the term kernel (`DeviceLoraOptions::term_max_tokens`; X and A row-major with 16-byte aligned
 ///   rows, `in` a multiple of 8, 1 <= r <= 16, Y row-major): `T = s X A^T` in fp32, `Y = T B^T`
 ///   rounded into Y by one kernel, then `Y = X W^T + Y` (cuBLAS, beta = 1);
